@@ -1,0 +1,37 @@
+"""`aldm bench`: component latency, end-to-end seconds per volume, peak RSS."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from aldm.cli._common import handle_errors, say, split_list
+
+
+@handle_errors
+def bench(
+    model_dir: Annotated[Path, typer.Argument(help="Exported model folder.")],
+    backend: Annotated[str, typer.Option(help="ort-cpu, ort-cuda, trt or auto.")] = "ort-cpu",
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: all cores).")] = None,
+    components: Annotated[str, typer.Option(help="Components to time, comma-separated.")] = "encoder,spade,unet,decoder",
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed calls per component (median and p90 reported).")] = 3,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps for the end-to-end runs. Default: the manifest's.")] = None,
+    e2e: Annotated[bool, typer.Option(help="Time whole translations with 1 and 3 targets.")] = True,
+    torch_ref: Annotated[bool, typer.Option("--torch/--no-torch", help="Also time PyTorch eager (if installed) and report the ratio.")] = True,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+) -> None:
+    """Benchmark an exported model: prints a table; --json writes the figures."""
+    from aldm.runtime.bench import bench_model, format_report
+    from aldm.runtime.manifest import ModelDir
+
+    result = bench_model(ModelDir(model_dir), backend=backend, threads=threads,
+                         components=split_list(components), warmup=warmup, repeats=repeats,
+                         e2e_targets=(1, 3) if e2e else (), steps=steps, torch_reference=torch_ref,
+                         progress=say)
+    typer.echo(format_report(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))

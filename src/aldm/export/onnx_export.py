@@ -1,0 +1,207 @@
+"""ALDM (PyTorch) -> four ONNX graphs + schedule + manifest, written atomically.
+
+Graphs: encoder (x -> z_q, quantizer inside, fp32 argmin), spade (z, y -> z_tgt; y is an int64
+input and rows may differ), unet (x_t, t, c_concat, y -> eps), decoder (z -> x). The batch axis
+is dynamic everywhere; spatial dims are fixed by the crop. Opset 21 gives native
+GroupNormalization. Every graph must pass the TensorRT-compatibility checker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import aldm
+from aldm.errors import AldmError, UsageError
+from aldm.export.trt_compat import check_file
+from aldm.models.aldm import ALDM
+from aldm.runtime.manifest import (MANIFEST, SCHEDULE_FILE, ComponentSpec, Manifest, Preprocessing,
+                                   SamplerDefaults, ScheduleSpec, TensorSpec, sample_feeds, sha256_file)
+
+OPSET = 21
+B = "batch"
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, m: ALDM):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.encode(x)
+
+
+class SpadeGraph(nn.Module):
+    def __init__(self, m: ALDM):
+        super().__init__()
+        self.m = m
+
+    def forward(self, z, y):
+        return self.m.spade(z, y)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, m: ALDM):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x_t, t, c_concat, y):
+        return self.m.unet(x_t, t, c_concat, y)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, m: ALDM):
+        super().__init__()
+        self.m = m
+
+    def forward(self, z):
+        return self.m.decode(z)
+
+
+def latent_shape(model: ALDM, crop: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(C, h, w, d) of the latent for a crop; the crop must fit both VQ-GAN and UNet strides."""
+    cfg = model.config
+    vq_factor = 2 ** (len(cfg.first_stage_config.ddconfig.ch_mult) - 1)
+    unet_factor = 2 ** (len(cfg.unet_config.channel_mult) - 1)
+    if any(s % (vq_factor * unet_factor) for s in crop):
+        raise UsageError(f"crop {crop} must be a multiple of {vq_factor * unet_factor} on every axis "
+                         f"(VQ-GAN stride {vq_factor} x UNet stride {unet_factor})")
+    return (cfg.first_stage_config.embed_dim,) + tuple(s // vq_factor for s in crop)
+
+
+def component_specs(model: ALDM, crop: tuple[int, int, int]) -> dict[str, ComponentSpec]:
+    c, *lat = latent_shape(model, crop)
+    dd = model.config.first_stage_config.ddconfig
+    f32, i64 = "float32", "int64"
+    vol_in, vol_out = (B, dd.in_channels, *crop), (B, dd.out_ch, *crop)
+    z = (B, c, *lat)
+    return {
+        "encoder": ComponentSpec("encoder", "encoder.onnx", (TensorSpec("x", vol_in, f32),),
+                                 (TensorSpec("z_q", z, f32),)),
+        "spade": ComponentSpec("spade", "spade.onnx", (TensorSpec("z", z, f32), TensorSpec("y", (B,), i64)),
+                               (TensorSpec("z_tgt", z, f32),)),
+        "unet": ComponentSpec("unet", "unet.onnx",
+                              (TensorSpec("x_t", z, f32), TensorSpec("t", (B,), i64),
+                               TensorSpec("c_concat", (B, 2 * c, *lat), f32), TensorSpec("y", (B,), i64)),
+                              (TensorSpec("eps", z, f32),)),
+        "decoder": ComponentSpec("decoder", "decoder.onnx", (TensorSpec("z", z, f32),),
+                                 (TensorSpec("x_rec", vol_out, f32),)),
+    }
+
+
+GRAPHS = {"encoder": EncoderGraph, "spade": SpadeGraph, "unet": UNetGraph, "decoder": DecoderGraph}
+
+
+def _export_one(model: ALDM, spec: ComponentSpec, path: Path, opset: int) -> None:
+    graph = GRAPHS[spec.name](model).eval()
+    feeds = sample_feeds(spec, batch=2, num_classes=model.config.first_stage_config.num_classes)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), _quiet_logs():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, args, str(path), input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs], opset_version=opset, dynamo=True,
+            dynamic_shapes={t.name: {0: batch} for t in spec.inputs}, optimize=True, verbose=False,
+            external_data=False,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int, int] = (144, 192, 144),
+                 steps: int = 200, eta: float = 1.0, spacing=(1.0, 1.0, 1.0),
+                 source: dict | None = None, opset: int = OPSET, overwrite: bool = False,
+                 progress: Callable[[str], None] | None = None) -> Manifest:
+    """Export `model` into `out_dir` (created atomically); returns the manifest written."""
+    from aldm.runtime.sampler import ddim_timesteps
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    ddim_timesteps(steps, model.config.timesteps)  # refuse sampler defaults that cannot run
+    crop = tuple(int(s) for s in crop_size)
+    specs = component_specs(model, crop)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        model = model.eval()
+        with torch.no_grad():
+            for name, spec in specs.items():
+                if progress:
+                    progress(f"exporting {name}")
+                _export_one(model, spec, tmp / spec.file, opset)
+                offenses = check_file(tmp / spec.file)
+                if offenses:
+                    lines = "; ".join(map(str, offenses[:10]))
+                    raise AldmError(f"{spec.file} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
+        np.savez(tmp / SCHEDULE_FILE, **model.schedule())
+        files = {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())}
+        manifest = Manifest(
+            components=specs, latent_shape=latent_shape(model, crop), files=files,
+            scale_factor=float(model.scale_factor),
+            preprocessing=Preprocessing(crop_size=crop, spacing=tuple(map(float, spacing))),
+            schedule=ScheduleSpec(timesteps=model.config.timesteps, beta_schedule=model.config.beta_schedule,
+                                  linear_start=model.config.linear_start, linear_end=model.config.linear_end,
+                                  parameterization=model.config.parameterization),
+            sampler=SamplerDefaults("ddim", steps, float(eta)), config=model.config.to_dict(),
+            source=source or {}, tools=_tool_versions(opset),
+        )
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.chmod(0o755)
+        tmp.rename(out_dir)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_official(ldm_ckpt: str | Path, out_dir: str | Path, *, vqgan_ckpt: str | Path | None = None,
+                    config=None, ema: bool = True, **kwargs) -> Manifest:
+    """load_official + export_model, recording the checkpoint and its sha256 in the manifest."""
+    from aldm.models import load_official
+
+    model = load_official(ldm_ckpt, vqgan_ckpt, config=config, ema=ema)
+    source = {"ldm_ckpt": str(Path(ldm_ckpt).resolve()), "ldm_sha256": sha256_file(Path(ldm_ckpt)),
+              "ema": ema}
+    if vqgan_ckpt is not None:
+        source["vqgan_ckpt"] = str(Path(vqgan_ckpt).resolve())
+    return export_model(model, out_dir, source=source, **kwargs)
+
+
+def _tool_versions(opset: int) -> dict[str, str]:
+    import onnx
+
+    versions = {"aldm": aldm.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                "opset": str(opset)}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return versions

@@ -1,0 +1,194 @@
+"""The exported model folder: ONNX graphs + `manifest.json` (+ `schedule.npz`), read without torch.
+
+The manifest is the single source of truth for everything downstream (run, check, bench,
+build, calibrate): component I/O specs, latent shape and scale, modality order,
+preprocessing, noise schedule, default sampler settings, sha256 of every file, tool versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aldm.errors import ModelError
+
+FORMAT = "aldm-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEDULE_FILE = "schedule.npz"
+COMPONENTS = ("encoder", "spade", "unet", "decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]  # "batch" marks the dynamic axis
+    dtype: str  # numpy dtype name: float32, int64
+
+    def check(self, array: np.ndarray, component: str) -> None:
+        """Raise InputError unless `array` has this spec's dtype and (static) shape."""
+        from aldm.errors import InputError
+
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"{component}.{self.name}: expected a numpy array, got {type(array).__name__}")
+        if array.dtype != np.dtype(self.dtype):
+            raise InputError(f"{component}.{self.name}: dtype {array.dtype}, expected {self.dtype}")
+        ok = len(array.shape) == len(self.shape) and all(
+            isinstance(s, str) or s == a for s, a in zip(self.shape, array.shape))
+        if not ok:
+            want = "x".join(str(s) for s in self.shape)
+            raise InputError(f"{component}.{self.name}: shape {'x'.join(map(str, array.shape))}, expected {want}")
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if isinstance(s, str) else s for s in self.shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    crop_size: tuple[int, int, int] = (144, 192, 144)  # model grid, RAS voxel axes
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm
+    orientation: str = "RAS"
+    percentiles: tuple[float, float] = (0.5, 99.5)  # mapped to intensity_range, unclipped
+    intensity_range: tuple[float, float] = (-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    timesteps: int = 1000
+    beta_schedule: str = "linear"
+    linear_start: float = 0.0015
+    linear_end: float = 0.0195
+    parameterization: str = "eps"
+    file: str = SCHEDULE_FILE  # the twelve float32 buffers, as the checkpoint had them
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    name: str = "ddim"
+    steps: int = 200
+    eta: float = 1.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    components: dict[str, ComponentSpec]
+    latent_shape: tuple[int, int, int, int]  # (C, h, w, d)
+    files: dict[str, str]  # file name -> sha256 (every file of the folder but the manifest)
+    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    scale_factor: float = 1.0
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    config: dict[str, Any] = field(default_factory=dict)  # LDMConfig.to_dict() of the source model
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint path and sha256
+    tools: dict[str, str] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("format") != FORMAT:
+            raise ModelError(f"not an aldm model manifest (format {d.get('format')!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"manifest format version {d.get('format_version')} is not supported "
+                             f"by this aldm (expects {FORMAT_VERSION})")
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
+        comps = {k: ComponentSpec(v["name"], v["file"], tensors(v["inputs"]), tensors(v["outputs"]))
+                 for k, v in d["components"].items()}
+        return cls(
+            components=comps, latent_shape=tuple(d["latent_shape"]), files=dict(d["files"]),
+            modalities=tuple(d["modalities"]), scale_factor=float(d["scale_factor"]),
+            preprocessing=Preprocessing(**_tuples(d["preprocessing"])),
+            schedule=ScheduleSpec(**d["schedule"]), sampler=SamplerDefaults(**d["sampler"]),
+            config=d.get("config", {}), source=d.get("source", {}), tools=d.get("tools", {}),
+        )
+
+
+def sample_feeds(spec: ComponentSpec, batch: int = 2, seed: int = 0, num_classes: int = 4,
+                  timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """Seeded inputs that fit a component spec (volumes in [-1, 1], latents ~N(0,1))."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in spec.inputs:
+        shape = t.concrete(batch)
+        if t.name == "t":
+            feeds[t.name] = rng.integers(0, timesteps, shape).astype(np.int64)
+        elif t.name == "y":
+            feeds[t.name] = ((np.arange(batch) + 2) % num_classes).astype(np.int64)
+        elif t.name == "x":
+            feeds[t.name] = rng.uniform(-1, 1, shape).astype(np.float32)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ModelDir:
+    """An exported model folder, opened and (by default) verified against its manifest hashes."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise ModelError(f"{self.path} is not an aldm model folder (no {MANIFEST})")
+        try:
+            self.manifest = Manifest.from_dict(json.loads(mpath.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{mpath}: unreadable manifest ({exc})") from None
+        missing = [c for c in COMPONENTS if c not in self.manifest.components]
+        if missing:
+            raise ModelError(f"{mpath}: no component {', '.join(missing)}")
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Raise ModelError if any file is missing or its sha256 differs from the manifest."""
+        for name, digest in self.manifest.files.items():
+            path = self.path / name
+            if not path.is_file():
+                raise ModelError(f"{self.path}: missing file {name}")
+            if sha256_file(path) != digest:
+                raise ModelError(f"{path}: sha256 does not match the manifest (corrupted or replaced)")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def component(self, name: str) -> ComponentSpec:
+        return self.manifest.components[name]
+
+    def schedule(self) -> dict[str, np.ndarray]:
+        """The twelve float32 schedule buffers."""
+        try:
+            with np.load(self.file(self.manifest.schedule.file)) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{self.path}: unreadable schedule ({exc})") from None

@@ -1,0 +1,107 @@
+"""One small runner protocol for every backend: activate / infer(feeds) / deactivate.
+
+The pipeline drives runners without knowing which backend they are. Backends load lazily:
+onnxruntime here, TensorRT in `aldm.runtime.trt`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from aldm.errors import BackendError, InputError, ModelError
+from aldm.runtime.manifest import ComponentSpec
+
+
+class Runner(Protocol):
+    name: str  # backend name, e.g. "ort-cpu"
+
+    def activate(self) -> None: ...
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def deactivate(self) -> None: ...
+
+
+def check_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -> None:
+    """Every input present with the spec's dtype and shape, one batch size, nothing extra."""
+    names = {t.name for t in spec.inputs}
+    extra = set(feeds) - names
+    missing = names - set(feeds)
+    if missing or extra:
+        raise InputError(f"{spec.name}: inputs must be {sorted(names)}; "
+                         f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+    batch = set()
+    for t in spec.inputs:
+        t.check(feeds[t.name], spec.name)
+        batch.add(feeds[t.name].shape[0])
+    if len(batch) != 1:
+        raise InputError(f"{spec.name}: inputs have different batch sizes {sorted(batch)}")
+
+
+class OrtRunner:
+    """ONNX Runtime session for one component (CPU or CUDA execution provider)."""
+
+    def __init__(self, path: str | Path, spec: ComponentSpec, *, device: str = "cpu",
+                 threads: int | None = None, io_binding: bool | None = None,
+                 arena: bool | None = None):
+        self.path, self.spec, self.device, self.threads = Path(path), spec, device, threads
+        self.name = f"ort-{device}"
+        # ORT's CPU arena keeps every freed block. For volume-sized activations (encoder,
+        # decoder: 1 GB each at 144x192x144) that piles up past 24 GB; without it the decoder
+        # peaks near 6 GB at the same speed. For the UNet the arena saves ~30% per step.
+        self.arena = spec.name not in ("encoder", "decoder") if arena is None else arena
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
+        self.session = None
+
+    def activate(self) -> None:
+        if self.session is not None:
+            return
+        import onnxruntime as ort
+
+        providers: Sequence[str] = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError("onnxruntime has no CUDA execution provider "
+                                   "(install onnxruntime-gpu and a CUDA runtime)")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = self.arena
+        opts.enable_mem_pattern = self.arena
+        try:
+            self.session = ort.InferenceSession(os.fspath(self.path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"cannot load {self.path} in onnxruntime: {str(exc).splitlines()[0]}") from None
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.spec, feeds)
+        self.activate()
+        names = [t.name for t in self.spec.outputs]
+        try:
+            if self.io_binding:
+                return self._infer_bound(feeds, names)
+            return dict(zip(names, self.session.run(names, dict(feeds))))
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "memory" in msg.lower() or "alloc" in msg.lower():
+                raise BackendError(f"{self.name} out of memory in {self.spec.name}: {msg}") from None
+            raise BackendError(f"{self.name} failed in {self.spec.name}: {msg}") from None
+
+    def _infer_bound(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for n in names:
+            binding.bind_output(n, self.device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def deactivate(self) -> None:
+        self.session = None
