@@ -1,4 +1,7 @@
-"""`aldm-infer`: translate NIfTI volumes into the missing modalities."""
+"""aldm-infer: translate brain MRI volumes (NIfTI) into the missing modalities.
+
+Outputs overlay exactly on the source: same grid, affine and header, background 0.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,97 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, help=__doc__)
+from aldm.cli._common import fail, say, split_list
+from aldm.errors import AldmError, UsageError
+
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
 
 @app.command()
 def infer(
-    sources: Annotated[list[Path], typer.Argument(help="Source NIfTI volumes.")],
-    targets: Annotated[str, typer.Option(help="Comma-separated target modalities.")] = "t2,flair",
-    model: Annotated[Optional[Path], typer.Option(help="Exported model folder.")] = None,
+    sources: Annotated[list[Path], typer.Argument(help="Source NIfTI volumes (.nii / .nii.gz), any orientation, spacing and dtype.", show_default=False)],
+    targets: Annotated[Optional[str], typer.Option(help="Comma-separated targets from t1, t1ce, t2, flair. Default: every modality but the source's.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Exported model folder. Default: the model bundled with aldm.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: next to each source.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps. Default: the model's (manifest). More steps: slower, usually sharper; valid counts divide 1000.")] = None,
+    eta: Annotated[Optional[float], typer.Option(help="DDIM eta. Default: the model's. 0 is deterministic given the seed's x_T; 1 is the official stochastic sampler.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed reproduces the same output. Default: a fresh seed, recorded in the sidecar.")] = None,
+    backend: Annotated[str, typer.Option(help="auto (TensorRT > ONNX Runtime CUDA > CPU), ort-cpu, ort-cuda, trt, torch (needs the source checkpoint).")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for ONNX Runtime. Default: all cores.")] = None,
+    source_modality: Annotated[str, typer.Option(help="Modality of the sources (a target may not equal it).")] = "t1",
+    naming: Annotated[str, typer.Option(help="stem: <stem>_<target>.nii.gz; brasyn: <ID>-<t1n|t1c|t2w|t2f>.nii.gz.")] = "stem",
+    intensity: Annotated[str, typer.Option(help="unit: float32 in [0, 1]; source: mapped to the source's 0.5-99.5 percentile range.")] = "unit",
+    decode_batch: Annotated[int, typer.Option(help="Volumes decoded at once: higher is faster on big GPUs, lower needs less memory (~6 GB per volume on CPU at 144x192x144).")] = 1,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write <stem>_preview.png: axial, coronal and sagittal slices of the source and every output.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (default: refuse).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-file lines; errors still print.")] = False,
 ) -> None:
-    typer.echo("error: no default model is bundled with this version of aldm yet; "
-               "pass --model DIR (an exported model folder)", err=True)
-    raise typer.Exit(1)
+    """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
+    from aldm.infer import Options, Translator, default_model_dir
+    from aldm.runtime.pipeline import Pipeline
+
+    mods = ("t1", "t1ce", "t2", "flair")
+    target_list = split_list(targets) or [m for m in mods if m != source_modality]
+    try:
+        opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
+                       source_modality.lower(), naming, intensity, overwrite, preview)
+        pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
+                                 decode_batch=decode_batch)
+        translator = Translator(pipeline, opts)
+        if steps is not None:
+            from aldm.runtime.sampler import ddim_timesteps
+
+            ddim_timesteps(steps, pipeline.manifest.schedule.timesteps)
+    except AldmError as exc:
+        fail(str(exc), exc.exit_code)
+
+    failed = 0
+    with _progress(quiet) as bar:
+        for src in sources:
+            task = bar.add_task(f"{src.name}: loading", total=None) if bar else None
+
+            def on_stage(name, task=task, src=src):
+                if bar:
+                    bar.update(task, description=f"{src.name}: {name}")
+
+            def on_step(i, n, t, x, task=task):
+                if bar:
+                    bar.update(task, total=n, completed=i + 1)
+
+            try:
+                res = translator.run(src, callback=on_step, on_stage=on_stage)
+            except UsageError as exc:
+                fail(str(exc), exc.exit_code)
+            except AldmError as exc:
+                failed += 1
+                typer.echo(f"error: {exc}", err=True)
+                if bar:
+                    bar.update(task, description=f"{src.name}: failed", visible=False)
+                continue
+            except MemoryError:
+                failed += 1
+                typer.echo(f"error: {src}: out of memory (try --decode-batch 1 or another backend)", err=True)
+                continue
+            if bar:
+                bar.update(task, description=f"{src.name}: done", visible=False)
+            for w in res.warnings:
+                typer.echo(f"warning: {src.name}: {w}", err=True)
+            if not quiet:
+                outs = ", ".join(str(p) for p in res.outputs.values())
+                say(f"{src} -> {outs} ({res.timings['total']:.1f} s)")
+    if failed:
+        typer.echo(f"error: {failed} of {len(sources)} source(s) failed", err=True)
+        raise typer.Exit(1)
+
+
+def _progress(quiet: bool):
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True)
