@@ -11,4 +11,8 @@ __version__ = "0.1.0"
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 """Modality order of the official model: the target class y indexes this tuple."""
 
-__all__ = ["AldmError", "MODALITIES", "__version__"]
+MODALITY_ALIASES = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c", "t1gd"), "t2": ("t2", "t2w"),
+                    "flair": ("flair", "t2f")}
+"""File-name suffixes of each modality: BraTS 2018-2021 names, then BraTS 2023 ones."""
+
+__all__ = ["AldmError", "MODALITIES", "MODALITY_ALIASES", "__version__"]

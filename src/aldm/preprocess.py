@@ -150,15 +150,44 @@ def preprocess(data: np.ndarray, affine: np.ndarray, pre: Preprocessing,
             warns.append(f"the {'x'.join(map(str, crop))} model crop cut off "
                          f"{100 * (1 - kept):.2f}% of the foreground; outputs are 0 there")
 
+    v, step = _scale_intensity(v, pre)
+    record.append(step)
+    return Prepared(v[None, None], record, warns, kept)
+
+
+def _scale_intensity(v: np.ndarray, pre: Preprocessing) -> tuple[np.ndarray, dict[str, Any]]:
+    """0.5/99.5 percentiles of the whole model-grid volume -> [-1, 1], unclipped (float32 maths)."""
     lo_q, hi_q = pre.percentiles
     p_lo, p_hi = (float(p) for p in np.percentile(v, [lo_q, hi_q]))
     if p_hi <= p_lo:
         raise InputError("the volume has no intensity range between its percentiles "
                          f"{lo_q} and {hi_q} (constant image?)")
     b_min, b_max = pre.intensity_range
-    record.append({"op": "scale_intensity", "p_lo": p_lo, "p_hi": p_hi, "b_min": b_min, "b_max": b_max})
-    v = ((v - p_lo) / (p_hi - p_lo) * (b_max - b_min) + b_min).astype(np.float32)
-    return Prepared(v[None, None], record, warns, kept)
+    step = {"op": "scale_intensity", "p_lo": p_lo, "p_hi": p_hi, "b_min": b_min, "b_max": b_max}
+    return ((v - p_lo) / (p_hi - p_lo) * (b_max - b_min) + b_min).astype(np.float32), step
+
+
+def replay(data: np.ndarray, record: list[dict[str, Any]], pre: Preprocessing) -> Prepared:
+    """Apply the spatial steps of another volume's record to a co-registered volume (the official
+    pipeline crops every modality with the T1's box), then scale it by its own percentiles."""
+    v = np.asarray(data, np.float32)
+    steps = [s for s in record if s["op"] != "scale_intensity"]
+    for step in steps:
+        op = step["op"]
+        if op == "reorient":
+            if list(v.shape) != step["shape"]:
+                raise InputError(f"volume shape {v.shape} differs from the reference {step['shape']}")
+            v = _apply_ornt(v, np.asarray(step["ornt"]))
+        elif op == "resample":
+            v = resample(v, step["to_shape"])
+        elif op == "crop_foreground":
+            v = v[tuple(slice(a, b) for a, b in zip(step["start"], step["stop"]))]
+        elif op == "pad":
+            v = np.pad(v, list(zip(step["before"], step["after"])))
+        elif op == "center_crop":
+            v = v[tuple(slice(s, s + c) for s, c in zip(step["start"], pre.crop_size))]
+    v, scale = _scale_intensity(v, pre)
+    return Prepared(v[None, None], steps + [scale])
 
 
 # ------------------------------------------------------------------------------ inverse

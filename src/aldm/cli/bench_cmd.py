@@ -22,6 +22,9 @@ def bench(
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps for the end-to-end runs. Default: the manifest's.")] = None,
     e2e: Annotated[bool, typer.Option(help="Time whole translations with 1 and 3 targets.")] = True,
     torch_ref: Annotated[bool, typer.Option("--torch/--no-torch", help="Also time PyTorch eager (if installed) and report the ratio.")] = True,
+    torch_device: Annotated[str, typer.Option(help="Device of the PyTorch eager reference: cpu or cuda.")] = "cpu",
+    torch_fp16: Annotated[bool, typer.Option("--torch-fp16", help="Run the PyTorch reference under CUDA FP16 autocast.")] = False,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8. Default: fp16 for trt, fp32 for ONNX Runtime.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
 ) -> None:
     """Benchmark an exported model: prints a table; --json writes the figures."""
@@ -31,6 +34,7 @@ def bench(
     result = bench_model(ModelDir(model_dir), backend=backend, threads=threads,
                          components=split_list(components), warmup=warmup, repeats=repeats,
                          e2e_targets=(1, 3) if e2e else (), steps=steps, torch_reference=torch_ref,
+                         torch_device=torch_device, torch_fp16=torch_fp16, precision=precision,
                          progress=say)
     typer.echo(format_report(result))
     if json_out:

@@ -1,4 +1,4 @@
-"""aldm: export, check and benchmark ALDM models (translation itself: `aldm-infer`)."""
+"""aldm: export, check, benchmark, train and evaluate ALDM models (translation itself: `aldm-infer`)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,22 @@ import typer
 
 import aldm
 from aldm.cli.bench_cmd import bench
+from aldm.cli.build_cmd import build
+from aldm.cli.calibrate_cmd import calibrate
 from aldm.cli.check_cmd import check
+from aldm.cli.eval_cmd import eval
 from aldm.cli.export_cmd import export
+from aldm.cli.train_cmd import train
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True,
                   pretty_exceptions_enable=False)
 app.command()(export)
 app.command()(check)
 app.command()(bench)
+app.command()(build)
+app.command()(calibrate)
+app.command()(train)
+app.command(name="eval")(eval)
 
 
 @app.command()

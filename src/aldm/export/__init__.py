@@ -1,10 +1,19 @@
-"""ONNX export, the TensorRT-compatibility checker and PyTorch-vs-backend checks (needs torch)."""
+"""ONNX export (torch), the TensorRT-compatibility checker and precision plans (onnx only), and
+PyTorch-vs-backend checks. Submodules import torch only where they need it."""
 
-from aldm.errors import require
+from __future__ import annotations
 
-require("torch", "export")
-require("onnx", "export")
 
-from aldm.export.onnx_export import export_model, export_official  # noqa: E402
+def __getattr__(name: str):
+    if name in ("export_model", "export_official"):
+        from aldm.errors import require
+
+        require("torch", "export")
+        require("onnx", "export")
+        from aldm.export import onnx_export
+
+        return getattr(onnx_export, name)
+    raise AttributeError(name)
+
 
 __all__ = ["export_model", "export_official"]

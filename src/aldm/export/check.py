@@ -1,62 +1,27 @@
-"""`aldm check`: every component on every available backend against PyTorch, on seeded inputs.
-
-Comparisons are data: a tolerance per component, one result line per (component, backend),
-reports that are truthy only when everything passed.
-"""
+"""`aldm check`: every component on every available backend and precision against PyTorch FP32,
+on seeded inputs; with TensorRT present, also polygraphy's ONNX Runtime vs TensorRT comparison."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from aldm.errors import BackendError
+from aldm.errors import BackendError, ModelError
 from aldm.models import ALDM, LDMConfig, load_official
-from aldm.runtime.backends import make_runners
+from aldm.runtime.backends import single_backend
+from aldm.runtime.compare import TOLERANCES, Report, Result, Tolerance, compare
 from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
-
-DEFAULT_RTOL = 1e-4  # max |backend - torch| / max |torch|, fp32
-
-
-@dataclass(frozen=True)
-class Result:
-    component: str
-    backend: str
-    max_abs: float
-    max_rel: float
-    rtol: float
-    note: str = ""
-
-    def __bool__(self) -> bool:
-        return self.max_rel <= self.rtol
-
-    def __str__(self) -> str:
-        verdict = "PASS" if self else "FAIL"
-        note = f"  ({self.note})" if self.note else ""
-        return (f"{verdict}  {self.component:<8} {self.backend:<10} max_abs={self.max_abs:.3e} "
-                f"max_rel={self.max_rel:.3e} rtol={self.rtol:.0e}{note}")
-
-
-@dataclass
-class Report:
-    results: list[Result] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.results) and all(self.results)
-
-    def __str__(self) -> str:
-        lines = [str(r) for r in self.results] + [f"SKIP  {s}" for s in self.skipped]
-        return "\n".join(lines)
 
 
 class TorchRunner:
-    """The PyTorch model behind the runner protocol (the reference every backend is held to)."""
+    """The PyTorch model behind the runner protocol (the reference every backend is held to).
+    `autocast=True` runs CUDA FP16 autocast (the official UNet cannot simply be `.half()`-ed)."""
 
-    def __init__(self, model: ALDM, component: str, device: str = "cpu"):
-        self.model, self.component, self.name = model, component, f"torch-{device}"
+    def __init__(self, model: ALDM, component: str, device: str = "cpu", autocast: bool = False):
+        self.model, self.component, self.autocast = model, component, autocast
+        self.name = f"torch-{device}" + ("/fp16" if autocast else "")
         self.device = torch.device(device)
 
     def activate(self) -> None:
@@ -65,11 +30,12 @@ class TorchRunner:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         f = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
         m = self.model
-        with torch.inference_mode():
-            out = {"encoder": lambda: {"z_q": m.encode(f["x"])},
-                   "spade": lambda: {"z_tgt": m.spade(f["z"], f["y"])},
-                   "unet": lambda: {"eps": m.unet(f["x_t"], f["t"], f["c_concat"], f["y"])},
-                   "decoder": lambda: {"x_rec": m.decode(f["z"])}}[self.component]()
+        calls = {"encoder": lambda: {"z_q": m.encode(f["x"])},
+                 "spade": lambda: {"z_tgt": m.spade(f["z"], f["y"])},
+                 "unet": lambda: {"eps": m.unet(f["x_t"], f["t"], f["c_concat"], f["y"])},
+                 "decoder": lambda: {"x_rec": m.decode(f["z"])}}
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.float16, enabled=self.autocast):
+            out = calls[self.component]()
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def deactivate(self) -> None:
@@ -89,44 +55,64 @@ def reference_model(model_dir: ModelDir, checkpoint: str | None = None) -> ALDM:
 
 
 def available_backends() -> list[str]:
+    from aldm.runtime import trt
     from aldm.runtime.backends import ort_cuda_available
 
-    return ["ort-cpu"] + (["ort-cuda"] if ort_cuda_available() else [])
+    return ["ort-cpu"] + (["ort-cuda"] if ort_cuda_available() else []) + (
+        ["trt"] if trt.tensorrt_version() else [])
 
 
 def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str] | None = None,
-                batch: int = 2, seed: int = 0, rtol: Mapping[str, float] | None = None) -> Report:
+                precisions: Sequence[str] = ("fp32",), batch: int = 2, seed: int = 0,
+                tolerances: Mapping[str, Mapping[str, Tolerance]] = TOLERANCES) -> Report:
     report = Report()
-    num_classes = reference.config.first_stage_config.num_classes
-    feeds = {c: sample_feeds(model_dir.component(c), batch, seed + i, num_classes,
+    n_classes = reference.config.first_stage_config.num_classes
+    feeds = {c: sample_feeds(model_dir.component(c), batch, seed + i, n_classes,
                              model_dir.manifest.schedule.timesteps) for i, c in enumerate(COMPONENTS)}
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
-    for backend in backends or available_backends():
-        try:
-            runners = make_runners(model_dir, backend)
-        except BackendError as exc:
-            report.skipped.append(f"{backend}: {exc}")
-            continue
-        for c in COMPONENTS:
-            out_name = model_dir.component(c).outputs[0].name
+    for precision in precisions:
+        for backend in backends or available_backends():
             try:
-                got = runners[c].infer(feeds[c])[out_name]
-            except BackendError as exc:
-                report.skipped.append(f"{c} on {backend}: {exc}")
+                runners = single_backend(model_dir, backend, precision=precision)
+            except (BackendError, ModelError) as exc:
+                report.skipped.append(f"{backend}/{precision}: {exc}")
                 continue
-            ref = expected[c][out_name]
-            report.results.append(compare(c, backend, got, ref, (rtol or {}).get(c, DEFAULT_RTOL)))
-        for r in runners.values():
-            r.deactivate()
+            for c in COMPONENTS:
+                out = model_dir.component(c).outputs[0].name
+                try:
+                    got = runners[c].infer(feeds[c])[out]
+                except BackendError as exc:
+                    report.skipped.append(f"{c} on {backend}/{precision}: {exc}")
+                    continue
+                report.results.append(compare(c, f"{backend}/{precision}", got, expected[c][out],
+                                              tolerances[precision][c]))
+                if backend == "trt":
+                    report.results.extend(polygraphy_compare(model_dir, c, precision, feeds[c],
+                                                             tolerances[precision][c]))
+            for r in runners.values():
+                r.deactivate()
     return report
 
 
-def compare(component: str, backend: str, got: np.ndarray, ref: np.ndarray, rtol: float) -> Result:
-    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    max_abs = float(diff.max())
-    max_rel = max_abs / max(float(np.abs(ref).max()), 1e-30)
-    note = ""
-    if component == "encoder" and max_rel > rtol:
-        flipped = int((diff.max(axis=1) > rtol * np.abs(ref).max()).sum())
-        note = f"{flipped} latent positions chose another codebook entry (near-ties)"
-    return Result(component, backend, max_abs, max_rel, rtol, note)
+def polygraphy_compare(model_dir: ModelDir, component: str, precision: str,
+                       feeds: Mapping[str, np.ndarray], tol: Tolerance) -> list[Result]:
+    """Polygraphy's Comparator: ONNX Runtime (FP32 graph) vs the TensorRT engine, same feeds."""
+    try:
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.comparator import Comparator
+    except ImportError:
+        return []
+    from aldm.runtime.trt import engine_paths
+
+    engine, _ = engine_paths(model_dir, component, precision)
+    runners = [OnnxrtRunner(SessionFromOnnx(str(model_dir.component_file(component)))),
+               TrtRunner(EngineFromBytes(engine.read_bytes()))]
+    results = Comparator.run(runners, data_loader=[dict(feeds)])
+    (ort_name, ort_iters), (trt_name, trt_iters) = results[0], results[1]
+    out = []
+    for name in ort_iters[0].keys():
+        r = compare(component, f"polygraphy:{trt_name}", np.asarray(trt_iters[0][name]),
+                    np.asarray(ort_iters[0][name]), tol)
+        out.append(r)
+    return out

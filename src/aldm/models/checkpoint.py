@@ -94,7 +94,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The `state_dict` of a Lightning checkpoint (or the file itself if it is a bare state_dict)."""
-    obj = read_checkpoint(path)
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def state_dict_of(obj: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, dict) or not sd:
         raise CheckpointError(f"{path} has no state_dict")

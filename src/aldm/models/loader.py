@@ -17,7 +17,7 @@ import torch
 
 from aldm.errors import CheckpointError
 from aldm.models.aldm import ALDM
-from aldm.models.checkpoint import _names, read_state_dict
+from aldm.models.checkpoint import _names, read_checkpoint, read_state_dict, state_dict_of
 from aldm.models.config import DDConfig, LDMConfig, UNetConfig, VQConfig
 from aldm.runtime.schedule import BUFFER_NAMES, make_schedule
 
@@ -40,9 +40,13 @@ def load_official(ldm_ckpt: str | Path, vqgan_ckpt: str | Path | None = None, *,
     """Build an `ALDM` from an official LDM checkpoint (and a VQ-GAN stage-2 one if needed).
 
     The LDM's `first_stage_model.*` wins over `vqgan_ckpt`; EMA UNet weights are used unless
-    `ema=False` (or the file has none: then raw weights, with a warning).
+    `ema=False` (or the file has none: then raw weights, with a warning). Checkpoints written by
+    `aldm train` carry their config (`aldm_config`), used when `config` is not given.
     """
-    ldm_sd = read_state_dict(ldm_ckpt)
+    ckpt = read_checkpoint(ldm_ckpt)
+    ldm_sd = state_dict_of(ckpt, ldm_ckpt)
+    if config is None and isinstance(ckpt.get("aldm_config"), dict):
+        config = LDMConfig.from_dict(ckpt["aldm_config"])  # written by `aldm train`
     vq_sd = None
     if not any(k.startswith(FIRST_STAGE) for k in ldm_sd):
         if vqgan_ckpt is None:

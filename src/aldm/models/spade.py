@@ -37,7 +37,9 @@ class SPADEMultimodal(nn.Module):
         super().__init__()
         self.spades = nn.ModuleList(SPADE(norm_nc, nhidden) for _ in range(num_classes))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(y, int):  # one class for the whole batch (training): run only that branch
+            return self.spades[y](x)
         pick = y.reshape(-1, 1, 1, 1, 1)  # (B,) -> broadcastable over (B, C, H, W, D)
         out = self.spades[0](x)
         for k in range(1, len(self.spades)):
@@ -58,7 +60,7 @@ class SPADEResnetBlock(nn.Module):
         self.norm_0 = SPADEMultimodal(num_classes, fin, nhidden)
         self.norm_1 = SPADEMultimodal(num_classes, fmid, nhidden)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | int) -> torch.Tensor:
         x_s = self.conv_s(x) if hasattr(self, "conv_s") else x
         dx = self.conv_0(F.leaky_relu(self.norm_0(x, y), 0.2))
         dx = self.conv_1(F.leaky_relu(self.norm_1(dx, y), 0.2))
@@ -75,7 +77,7 @@ class SPADEGenerator(nn.Module):
             SPADEResnetBlock(num_classes, widths[i], widths[i + 1], nhidden) for i in range(4)
         )
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | int) -> torch.Tensor:
         for block in self.block:
             z = block(z, y)
         return z

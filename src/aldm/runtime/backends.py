@@ -1,12 +1,19 @@
-"""Backend names -> runners for the four components; `auto` picks the fastest available."""
+"""Backend names -> runners for the four components; `auto` picks the fastest available and
+falls back to the next one, with a warning, when a GPU backend runs out of memory."""
 
 from __future__ import annotations
+
+import warnings
+from typing import Callable, Mapping
+
+import numpy as np
 
 from aldm.errors import BackendError, UsageError
 from aldm.runtime.manifest import COMPONENTS, ModelDir
 from aldm.runtime.runners import OrtRunner, Runner
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt", "torch")
+DEFAULT_PRECISION = {"trt": "fp16", "ort-cpu": "fp32", "ort-cuda": "fp32", "torch": "fp32"}
 
 
 def ort_cuda_available() -> bool:
@@ -15,34 +22,83 @@ def ort_cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def auto_order(model: ModelDir) -> list[str]:
-    """Candidates for `auto`, best first: TensorRT (engines + GPU), ORT CUDA, ORT CPU."""
+def auto_order(model: ModelDir, precision: str | None = None, *, trt_ok: bool | None = None,
+               cuda_ok: bool | None = None) -> list[str]:
+    """Candidates for `auto`, best first: TensorRT (current engines + GPU), ORT CUDA, ORT CPU."""
     from aldm.runtime import trt
 
-    order = []
-    if trt.engines_usable(model):
-        order.append("trt")
-    if ort_cuda_available():
-        order.append("ort-cuda")
-    order.append("ort-cpu")
-    return order
+    if trt_ok is None:
+        trt_ok = trt.engines_usable(model, precision or DEFAULT_PRECISION["trt"])
+    if cuda_ok is None:
+        cuda_ok = ort_cuda_available()
+    return (["trt"] if trt_ok else []) + (["ort-cuda"] if cuda_ok else []) + ["ort-cpu"]
 
 
 def make_runners(model: ModelDir, backend: str = "ort-cpu", *, threads: int | None = None,
-                 precision: str = "fp32") -> dict[str, Runner]:
+                 precision: str | None = None) -> dict[str, Runner]:
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = auto_order(model)[0]
+        order = auto_order(model, precision)
+        if len(order) == 1:
+            return single_backend(model, order[0], threads=threads, precision=precision)
+        return {c: FallbackRunner(c, [(b, _factory(model, b, c, threads, precision)) for b in order])
+                for c in COMPONENTS}
+    return single_backend(model, backend, threads=threads, precision=precision)
+
+
+def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
+                   precision: str | None = None) -> dict[str, Runner]:
+    precision = precision or DEFAULT_PRECISION[backend]
     if backend in ("ort-cpu", "ort-cuda"):
         device = backend.split("-")[1]
-        return {c: OrtRunner(model.file(model.component(c).file), model.component(c),
-                             device=device, threads=threads) for c in COMPONENTS}
+        return {c: OrtRunner(model.component_file(c, precision), model.component(c), device=device,
+                             threads=threads, precision=precision) for c in COMPONENTS}
     if backend == "trt":
         from aldm.runtime import trt
 
         return trt.make_runners(model, precision=precision)
     return torch_runners(model)
+
+
+def _factory(model: ModelDir, backend: str, component: str, threads, precision) -> Callable[[], Runner]:
+    return lambda: single_backend(model, backend, threads=threads,
+                                  precision=precision if backend == "trt" else None)[component]
+
+
+class FallbackRunner:
+    """Runs the first candidate backend; on out-of-memory, warns and moves on to the next."""
+
+    def __init__(self, component: str, candidates: list[tuple[str, Callable[[], Runner]]]):
+        self.component, self.candidates = component, list(candidates)
+        self.current: Runner | None = None
+
+    @property
+    def name(self) -> str:
+        return self.current.name if self.current else self.candidates[0][0]
+
+    def activate(self) -> None:
+        if self.current is None:
+            self.current = self.candidates[0][1]()
+        self.current.activate()
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        while True:
+            try:
+                self.activate()
+                return self.current.infer(feeds)
+            except BackendError as exc:
+                if "out of memory" not in str(exc) or len(self.candidates) == 1:
+                    raise
+                failed = self.candidates.pop(0)[0]
+                self.current.deactivate()
+                self.current = None
+                warnings.warn(f"{self.component}: {failed} ran out of GPU memory; "
+                              f"falling back to {self.candidates[0][0]}", RuntimeWarning, stacklevel=2)
+
+    def deactivate(self) -> None:
+        if self.current is not None:
+            self.current.deactivate()
 
 
 def torch_runners(model: ModelDir) -> dict[str, Runner]:

@@ -38,13 +38,13 @@ def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str,
 def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int | None = None,
                 components: Sequence[str] = COMPONENTS, warmup: int = 1, repeats: int = 3,
                 e2e_targets: Sequence[int] = (1, 3), steps: int | None = None,
-                torch_reference: bool = True,
-                progress: Callable[[str], None] | None = None) -> dict:
+                torch_reference: bool = True, torch_device: str = "cpu", torch_fp16: bool = False,
+                precision: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
     say = progress or (lambda s: None)
     m = model_dir.manifest
     feeds = {c: sample_feeds(model_dir.component(c), 1, i) for i, c in enumerate(COMPONENTS)}
-    runners = make_runners(model_dir, backend, threads=threads)
-    out: dict = {"backend": backend, "threads": threads, "crop_size": list(m.preprocessing.crop_size),
+    runners = make_runners(model_dir, backend, threads=threads, precision=precision)
+    out: dict = {"backend": backend, "precision": precision or "default", "threads": threads, "crop_size": list(m.preprocessing.crop_size),
                  "latent_shape": list(m.latent_shape), "components": {}, "end_to_end": {}}
     for c in components:
         say(f"{backend}: {c}")
@@ -66,7 +66,8 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
         r.deactivate()
     out["peak_rss_mb"] = peak_rss_mb()
     if torch_reference:
-        out["torch_eager"] = _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say)
+        out["torch_eager"] = _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say,
+                                              torch_device, torch_fp16)
         if out["torch_eager"]:
             out["ratio_ort_over_torch"] = {
                 c: out["components"][c]["median_s"] / out["torch_eager"]["components"][c]["median_s"]
@@ -74,7 +75,8 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
     return out
 
 
-def _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say) -> dict | None:
+def _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say,
+                     device: str = "cpu", fp16: bool = False) -> dict | None:
     try:
         import torch
 
@@ -86,10 +88,11 @@ def _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say
         torch.set_num_threads(threads)
     cfg = model_dir.manifest.config
     model = ALDM(LDMConfig.from_dict(cfg) if cfg else LDMConfig()).eval()
-    res = {"components": {}}
+    res = {"device": device, "fp16_autocast": fp16, "components": {}}
     for c in components:
-        say(f"torch eager: {c}")
-        runner = TorchRunner(model, c)
+        say(f"torch eager ({device}{', fp16' if fp16 else ''}): {c}")
+        runner = TorchRunner(model, c, device, autocast=fp16)
+        runner.activate()
         res["components"][c] = time_calls(lambda: runner.infer(feeds[c]), warmup, repeats)
     res["peak_rss_mb"] = peak_rss_mb()
     return res

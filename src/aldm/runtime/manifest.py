@@ -96,6 +96,7 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)  # LDMConfig.to_dict() of the source model
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint path and sha256
     tools: dict[str, str] = field(default_factory=dict)
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # precision -> component -> file
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -119,6 +120,7 @@ class Manifest:
             preprocessing=Preprocessing(**_tuples(d["preprocessing"])),
             schedule=ScheduleSpec(**d["schedule"]), sampler=SamplerDefaults(**d["sampler"]),
             config=d.get("config", {}), source=d.get("source", {}), tools=d.get("tools", {}),
+            variants={k: dict(v) for k, v in d.get("variants", {}).items()},
         )
 
 
@@ -184,6 +186,31 @@ class ModelDir:
 
     def component(self, name: str) -> ComponentSpec:
         return self.manifest.components[name]
+
+    @property
+    def precisions(self) -> list[str]:
+        return ["fp32"] + sorted(self.manifest.variants)
+
+    def component_file(self, name: str, precision: str = "fp32") -> Path:
+        """The ONNX file of a component at a precision (fp32: the exported graph)."""
+        if precision == "fp32":
+            return self.file(self.component(name).file)
+        files = self.manifest.variants.get(precision)
+        if not files or name not in files:
+            from aldm.errors import ModelError
+
+            raise ModelError(f"{self.path} has no {precision} {name}; available: {', '.join(self.precisions)}")
+        return self.file(files[name])
+
+    def add_variant(self, precision: str, files: dict[str, str]) -> None:
+        """Register files written into the folder as a precision variant; rewrite the manifest."""
+        m = self.manifest
+        hashes = dict(m.files) | {f: sha256_file(self.file(f)) for f in files.values()}
+        variants = dict(m.variants) | {precision: dict(files)}
+        self.manifest = dataclasses.replace(m, files=hashes, variants=variants)
+        tmp = self.file(MANIFEST + ".partial")
+        tmp.write_text(self.manifest.to_json())
+        tmp.replace(self.file(MANIFEST))
 
     def schedule(self) -> dict[str, np.ndarray]:
         """The twelve float32 schedule buffers."""

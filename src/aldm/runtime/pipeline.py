@@ -37,11 +37,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
-             verify: bool = True, decode_batch: int = 1) -> "Pipeline":
+             precision: str | None = None, verify: bool = True, decode_batch: int = 1) -> "Pipeline":
         from aldm.runtime.backends import make_runners
 
         model = ModelDir(path, verify=verify)
-        return cls(model, make_runners(model, backend, threads=threads), decode_batch=decode_batch)
+        runners = make_runners(model, backend, threads=threads, precision=precision)
+        return cls(model, runners, decode_batch=decode_batch)
 
     @property
     def manifest(self):

@@ -47,9 +47,9 @@ class OrtRunner:
 
     def __init__(self, path: str | Path, spec: ComponentSpec, *, device: str = "cpu",
                  threads: int | None = None, io_binding: bool | None = None,
-                 arena: bool | None = None):
+                 arena: bool | None = None, precision: str = "fp32"):
         self.path, self.spec, self.device, self.threads = Path(path), spec, device, threads
-        self.name = f"ort-{device}"
+        self.name = f"ort-{device}" + ("" if precision == "fp32" else f"/{precision}")
         # ORT's CPU arena keeps every freed block. For volume-sized activations (encoder,
         # decoder: 1 GB each at 144x192x144) that piles up past 24 GB; without it the decoder
         # peaks near 6 GB at the same speed. For the UNet the arena saves ~30% per step.

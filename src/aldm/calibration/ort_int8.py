@@ -1,0 +1,71 @@
+"""ONNX Runtime static INT8 (QDQ): per-channel INT8 weights, UINT8 activations calibrated on
+recorded inputs. Only convolutions and matmuls are quantized (the compute); kept in float: the
+first and last convolutions, the time/class embeddings, the vector quantizer, normalisations and
+softmax (the shared precision plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from aldm.calibration.collect import load_samples
+from aldm.runtime.manifest import COMPONENTS, ModelDir
+
+
+def first_and_last_convs(model) -> list[str]:
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    first = [n.name for n in convs if n.input[0] in inputs] or [convs[0].name]
+    last = [n.name for n in convs if n.output[0] in outputs] or [convs[-1].name]
+    return sorted(set(first + last))
+
+
+def quantize_component(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], *,
+                       max_samples: int = 64, seed: int = 0) -> list[str]:
+    """Write an INT8 QDQ copy of `src`; returns the nodes kept in float."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+
+    from aldm.export.precision import fp32_nodes
+
+    model = onnx.load(str(src))
+    exclude = sorted(fp32_nodes(model) | set(first_and_last_convs(model)))
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(samples), min(max_samples, len(samples)), replace=False)
+    chosen = [samples[i] for i in sorted(pick)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(chosen)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude, op_types_to_quantize=["Conv", "MatMul"],
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return exclude
+
+
+def add_int8_variant(model_dir: str | Path, calib: str | Path, *, max_samples: int = 64,
+                     say: Callable[[str], None] = print) -> dict[str, str]:
+    md = ModelDir(model_dir)
+    files = {}
+    for c in COMPONENTS:
+        samples = load_samples(calib, c)
+        if not samples:
+            from aldm.errors import UsageError
+
+            raise UsageError(f"{calib} has no recorded {c} inputs; run the collection first")
+        name = f"{c}.int8.onnx"
+        say(f"quantizing {c} on {min(max_samples, len(samples))} of {len(samples)} recorded inputs")
+        quantize_component(md.component_file(c), md.file(name), samples, max_samples=max_samples)
+        files[c] = name
+    md.add_variant("int8", files)
+    return files

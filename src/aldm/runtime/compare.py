@@ -1,0 +1,130 @@
+"""Comparisons as data: a tolerance per (precision, component), one result line per output, and
+end-to-end agreement of a reduced-precision translation with FP32 (PSNR). No torch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from aldm.runtime.manifest import COMPONENTS
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float  # max |got - ref| / max |ref| (on the encoder: over positions with the same code)
+    min_code_agreement: float | None = None  # encoder: share of latent positions with the same code
+
+
+def _uniform(rtol: float, codes: float | None) -> dict[str, Tolerance]:
+    return {c: Tolerance(rtol, codes if c == "encoder" else None) for c in COMPONENTS}
+
+
+TOLERANCES = {
+    "fp32": _uniform(1e-4, 1.0),
+    # FP16 activations carry ~3 significant digits; the encoder may flip near-tie codes.
+    "fp16": _uniform(3e-2, 0.98),
+    # INT8 per-tensor activations: a few percent per layer, compounding through a UNet.
+    "int8": _uniform(0.5, 0.5),
+}
+E2E_MIN_PSNR = {"fp16": 45.0, "int8": 35.0}  # dB, reduced precision vs FP32, whole translation
+
+
+@dataclass(frozen=True)
+class Result:
+    component: str
+    backend: str
+    max_abs: float
+    max_rel: float
+    tolerance: Tolerance
+    code_agreement: float | None = None
+    note: str = ""
+
+    def __bool__(self) -> bool:
+        ok = self.max_rel <= self.tolerance.rtol
+        if self.tolerance.min_code_agreement is not None and self.code_agreement is not None:
+            ok = ok and self.code_agreement >= self.tolerance.min_code_agreement
+        return ok
+
+    def __str__(self) -> str:
+        codes = f" codes={100 * self.code_agreement:.2f}%" if self.code_agreement is not None else ""
+        note = f"  ({self.note})" if self.note else ""
+        return (f"{'PASS' if self else 'FAIL'}  {self.component:<8} {self.backend:<16} "
+                f"max_abs={self.max_abs:.3e} max_rel={self.max_rel:.3e} rtol={self.tolerance.rtol:.0e}"
+                f"{codes}{note}")
+
+
+@dataclass
+class Report:
+    results: list = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.results) and all(self.results)
+
+    def __str__(self) -> str:
+        return "\n".join([str(r) for r in self.results] + [f"SKIP  {s}" for s in self.skipped])
+
+
+def compare(component: str, backend: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Result:
+    got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+    scale = max(float(np.abs(ref64).max()), 1e-30)
+    agreement = None
+    if component == "encoder":  # (B, C, h, w, d): a position's code is its C-vector
+        same = np.abs(got64 - ref64).max(axis=1) <= 1e-6 * scale
+        agreement = float(same.mean())
+        diff = np.abs(got64 - ref64).max(axis=1)[same] if same.any() else np.zeros(1)
+        max_abs_all = float(np.abs(got64 - ref64).max())
+        return Result(component, backend, max_abs_all, float(diff.max()) / scale, tol, agreement)
+    diff = np.abs(got64 - ref64)
+    return Result(component, backend, float(diff.max()), float(diff.max()) / scale, tol)
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    source: str
+    target: str
+    precision: str
+    psnr: float
+    min_psnr: float
+
+    def __bool__(self) -> bool:
+        return self.psnr >= self.min_psnr
+
+    def __str__(self) -> str:
+        return (f"{'PASS' if self else 'FAIL'}  end-to-end {self.precision} vs fp32  {self.source} -> "
+                f"{self.target}: PSNR {self.psnr:.2f} dB (min {self.min_psnr:.0f})")
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray, data_range: float = 1.0) -> float:
+    mse = float(np.mean((a[mask].astype(np.float64) - b[mask]) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def e2e_precision(model_dir, sources: Sequence[str | Path], precision: str, *, backend: str = "ort-cpu",
+                  targets: Sequence[str] = ("t2", "flair"), steps: int | None = None, seed: int = 0,
+                  say=print) -> list[E2EResult]:
+    """Translate each source at FP32 and at `precision` with the same seed; PSNR of the two
+    outputs (model grid, intensities mapped to [0, 1]) inside the source's foreground."""
+    from aldm.nifti import load_volume
+    from aldm.preprocess import preprocess
+    from aldm.runtime.pipeline import Pipeline
+
+    ref = Pipeline.load(model_dir, backend="ort-cpu", precision="fp32")
+    low = Pipeline.load(model_dir, backend=backend, precision=precision)
+    out = []
+    for src in sources:
+        vol = load_volume(src)
+        prep = preprocess(vol.data, vol.affine, ref.manifest.preprocessing)
+        mask = prep.x[0, 0] > prep.x.min() + 1e-6  # model-grid foreground (background maps to the minimum)
+        say(f"{Path(src).name}: fp32 and {precision} translations")
+        a = ref.translate(prep.x, list(targets), steps=steps, seed=seed)
+        b = low.translate(prep.x, list(targets), steps=steps, seed=seed)
+        for t in targets:
+            ua = np.clip((a.volumes[t][0, 0] + 1) / 2, 0, 1)
+            ub = np.clip((b.volumes[t][0, 0] + 1) / 2, 0, 1)
+            out.append(E2EResult(Path(src).name, t, precision, psnr(ub, ua, mask), E2E_MIN_PSNR[precision]))
+    return out

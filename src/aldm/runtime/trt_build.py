@@ -1,0 +1,114 @@
+"""`aldm build`: one TensorRT engine per component from the exported ONNX.
+
+Explicit optimisation profiles (batch 1..max_targets, spatial dims from the manifest). FP16 and
+INT8 builds keep the precision plan's layers (norms, softmax, quantizer, time embedding) in FP32
+with precision constraints; TF32 is off (the quantizer's argmin must not see TF32 matmuls).
+Engines are cached by content (`aldm.runtime.trt`): a current engine is reused, anything
+else is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from aldm.errors import BackendError
+from aldm.runtime.manifest import COMPONENTS, ModelDir, sha256_file
+from aldm.runtime.trt import (BuildOptions, current_key, engine_paths, is_current, profile,
+                              sidecar_doc)
+
+
+def plan_layers(network, fp32_node_names: set[str]) -> list[str]:
+    """Pin to FP32 every layer that comes from a plan node (TensorRT names layers after the ONNX
+    node, sometimes with a suffix) and every normalisation/softmax layer."""
+    import tensorrt as trt
+
+    pinned = []
+    always = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in always or any(layer.name == n or layer.name.startswith(n + "_")
+                                       or layer.name.startswith(n + "/") for n in fp32_node_names):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                    layer.set_output_type(j, trt.float32)
+            pinned.append(layer.name)
+    return pinned
+
+
+def build_component(model: ModelDir, component: str, options: BuildOptions, *,
+                    timing_cache: Path | None = None, calib_dir: Path | None = None,
+                    say: Callable[[str], None] = print) -> dict:
+    import onnx
+    import tensorrt as trt
+
+    from aldm.export.precision import fp32_nodes
+
+    key = current_key(model, component, options)
+    if key is None:
+        raise BackendError("TensorRT and a CUDA GPU are needed to build engines")
+    engine, side = engine_paths(model, component, options.precision)
+    if is_current(side, key, engine):
+        say(f"{component}: engine is current ({options.precision}), reused")
+        return json.loads(side.read_text())
+    onnx_path = model.component_file(component, "fp32")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
+    config.clear_flag(trt.BuilderFlag.TF32)
+    prof = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile(model.component(component), options.max_targets).items():
+        prof.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(prof)
+    if options.precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = plan_layers(network, fp32_nodes(onnx.load(str(onnx_path), load_external_data=False)))
+        say(f"{component}: {len(pinned)} of {network.num_layers} layers pinned to FP32")
+    if options.precision == "int8":
+        from aldm.calibration.trt_calibrator import make_calibrator
+
+        if calib_dir is None:
+            raise BackendError("an INT8 build needs --calib DIR (recorded inputs from `aldm calibrate`)")
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = make_calibrator(calib_dir, component, model.component(component),
+                                                 engine.with_suffix(".calib"))
+        config.set_calibration_profile(prof)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if options.hardware_compatible:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    cache = None
+    if timing_cache is not None:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    say(f"{component}: building {options.precision} engine (batch 1..{options.max_targets})")
+    t0 = time.perf_counter()
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise BackendError(f"TensorRT failed to build {component} ({options.precision})")
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    tmp = engine.with_name(engine.name + ".partial")
+    tmp.write_bytes(bytes(blob))
+    tmp.replace(engine)
+    if cache is not None:
+        timing_cache.write_bytes(bytes(cache.serialize()))
+    doc = sidecar_doc(key, options, sha256_file(engine), time.perf_counter() - t0)
+    side.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def build_engines(model_dir: str | Path, options: BuildOptions, *, timing_cache: Path | None = None,
+                  calib_dir: Path | None = None, say: Callable[[str], None] = print) -> dict[str, dict]:
+    model = ModelDir(model_dir)
+    return {c: build_component(model, c, options, timing_cache=timing_cache, calib_dir=calib_dir, say=say)
+            for c in COMPONENTS}

@@ -1,0 +1,75 @@
+"""`aldm train`: the official three stages on a BraTS-layout folder, resumable, on a CPU.
+
+Needs torch (`pip install 'aldm[train]'`). A run folder holds the split, the preprocessed cache,
+one folder per stage (`last.ckpt` in the official layout, `log.csv`) and the latent cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from aldm.errors import UsageError
+from aldm.models.aldm import VQModel
+from aldm.runtime.manifest import Preprocessing
+from aldm.training.data import cache_cases, find_cases, split
+from aldm.training.loop import load_stage
+from aldm.training.stages import BUDGETS, SMALL, Budget, stage_path, train_stage1, train_stage2, train_stage3
+
+__all__ = ["run_training", "SMALL", "BUDGETS"]
+
+
+def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] = (1, 2, 3),
+                 max_minutes: float = 115, checkpoint_minutes: float = 10, seed: int = 0,
+                 val_cases: list[str] | None = None, budgets: dict[int, Budget] = BUDGETS,
+                 threads: int | None = None, quiet: bool = False,
+                 say: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the stages in order until done or `max_minutes` of wall time are used."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60 * max_minutes
+    train, val = split(find_cases(data), val_cases)
+    split_file = run / "split.json"
+    names = {"train": [c.name for c in train], "validation": [c.name for c in val]}
+    if split_file.exists() and json.loads(split_file.read_text()) != names:
+        raise UsageError(f"{split_file} holds another split; use a new --run folder")
+    split_file.write_text(json.dumps(names, indent=1))
+    say(f"{len(train)} training cases, {len(val)} held out: {', '.join(names['validation'])}")
+    cache = cache_cases(train, run / "cache", Preprocessing(), say=say)
+    cfg = SMALL
+    left = lambda: max(0.0, (deadline - time.monotonic()) / 60)  # noqa: E731
+    kw = dict(checkpoint_minutes=checkpoint_minutes, seed=seed, quiet=quiet)
+    status = {}
+
+    if 1 in stages and not _done(run, 1, budgets):
+        status[1] = train_stage1(run, cache, cfg, budget=budgets[1], max_minutes=left(), **kw)
+        if not status[1]:
+            return status
+    vq = VQModel(cfg.first_stage_config)
+    latents_file = run / "latents.pt"
+    if 2 in stages or 3 in stages:
+        vq.load_state_dict(load_stage(stage_path(run, 1))["state_dict"])
+        if not latents_file.exists():
+            from aldm.training.stages import encode_cases
+
+            torch.save(encode_cases(vq, cache, say), latents_file)
+        latents = torch.load(latents_file)
+    if 2 in stages and not _done(run, 2, budgets):
+        status[2] = train_stage2(run, latents, cfg, vq, budget=budgets[2], max_minutes=left(), **kw)
+        if not status[2]:
+            return status
+    if 3 in stages and not _done(run, 3, budgets):
+        vq.load_state_dict(load_stage(stage_path(run, 2))["state_dict"])
+        status[3] = train_stage3(run, latents, cfg, vq, budget=budgets[3], max_minutes=left(), say=say, **kw)
+    return status
+
+
+def _done(run: Path, stage: int, budgets: dict[int, Budget]) -> bool:
+    path = stage_path(run, stage)
+    return path.exists() and load_stage(path)["aldm_train"]["step"] >= budgets[stage].steps

@@ -1,0 +1,183 @@
+"""Everything in the TensorRT path that does not need TensorRT: profiles, cache keys, staleness,
+precision plans, the FP16 copy, backend order and out-of-memory fallback."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from aldm.errors import BackendError
+from aldm.export.precision import fp32_nodes, node_scope, to_fp16
+from aldm.export.trt_compat import check_file
+from aldm.runtime import trt
+from aldm.runtime.backends import FallbackRunner, auto_order
+from aldm.runtime.manifest import ModelDir, sample_feeds, sha256_file
+from aldm.runtime.runners import OrtRunner
+
+
+def test_profiles_cover_batch_1_to_max_targets(tiny_export):
+    md = ModelDir(tiny_export)
+    unet = trt.profile(md.component("unet"), 3)
+    assert unet["x_t"] == ((1, 4, 8, 8, 4), (3, 4, 8, 8, 4), (3, 4, 8, 8, 4))
+    assert unet["t"] == ((1,), (3,), (3,))
+    enc = trt.profile(md.component("encoder"), 3)
+    assert enc["x"][1] == (1, 1, 32, 32, 16)  # volumes: optimised for one at a time
+    with pytest.raises(BackendError):
+        trt.profile(md.component("unet"), 0)
+
+
+def _key(**over):
+    opts = trt.BuildOptions(**{k: v for k, v in over.items() if k in trt.BuildOptions.__dataclass_fields__})
+    base = dict(onnx_sha256="a" * 64, trt_version="10.15.1", gpu_name="NVIDIA H100", compute_capability="9.0")
+    base.update({k: v for k, v in over.items() if k in base})
+    return trt.engine_key(base["onnx_sha256"], opts, {"x": ((1, 4), (3, 4), (3, 4))}, base["trt_version"],
+                          base["gpu_name"], base["compute_capability"])
+
+
+@pytest.mark.parametrize("change", [dict(onnx_sha256="b" * 64), dict(precision="int8"), dict(max_targets=4),
+                                    dict(trt_version="10.16.0"), dict(gpu_name="NVIDIA L4"),
+                                    dict(compute_capability="8.9"), dict(version_compatible=True)])
+def test_every_key_field_matters(change):
+    assert trt.key_digest(_key()) == trt.key_digest(_key())
+    if "max_targets" in change:  # the profile is passed in; a different batch range is a different profile
+        k2 = trt.engine_key("a" * 64, trt.BuildOptions(), {"x": ((1, 4), (4, 4), (4, 4))}, "10.15.1",
+                            "NVIDIA H100", "9.0")
+    else:
+        k2 = _key(**change)
+    assert trt.key_digest(k2) != trt.key_digest(_key())
+
+
+def test_an_engine_is_current_only_with_its_exact_key_and_bytes(tmp_path):
+    engine, side = tmp_path / "unet.fp16.plan", tmp_path / "unet.fp16.plan.json"
+    key = _key()
+    assert not trt.is_current(side, key, engine)  # nothing there
+    engine.write_bytes(b"serialized engine")
+    assert not trt.is_current(side, key, engine)  # an engine without a sidecar is not trusted
+    side.write_text(json.dumps(trt.sidecar_doc(key, trt.BuildOptions(), sha256_file(engine), 1.0)))
+    assert trt.is_current(side, key, engine)
+    assert not trt.is_current(side, _key(gpu_name="NVIDIA A100"), engine)  # another GPU: rebuild
+    engine.write_bytes(b"replaced engine")
+    assert not trt.is_current(side, key, engine)  # bytes changed behind the sidecar
+    side.write_text("not json")
+    assert not trt.is_current(side, key, engine)
+
+
+def test_without_tensorrt_the_backend_says_why(tiny_export):
+    if trt.tensorrt_version() is not None:
+        pytest.skip("TensorRT is installed here; this test covers machines without it")
+    md = ModelDir(tiny_export)
+    assert not trt.engines_usable(md)
+    with pytest.raises(BackendError, match="TensorRT is not installed"):
+        trt.make_runners(md)
+
+
+def test_auto_order():
+    assert auto_order(None, trt_ok=True, cuda_ok=True) == ["trt", "ort-cuda", "ort-cpu"]
+    assert auto_order(None, trt_ok=False, cuda_ok=True) == ["ort-cuda", "ort-cpu"]
+    assert auto_order(None, trt_ok=False, cuda_ok=False) == ["ort-cpu"]
+
+
+class _Fake:
+    def __init__(self, name, error=None):
+        self.name, self.error, self.calls, self.active = name, error, 0, False
+
+    def activate(self):
+        self.active = True
+
+    def infer(self, feeds):
+        self.calls += 1
+        if self.error:
+            raise BackendError(self.error)
+        return {"out": np.ones(1)}
+
+    def deactivate(self):
+        self.active = False
+
+
+def test_out_of_memory_falls_back_to_the_next_backend_with_a_warning():
+    gpu, cpu = _Fake("trt", "trt out of memory in unet: CUDA out of memory"), _Fake("ort-cpu")
+    r = FallbackRunner("unet", [("trt", lambda: gpu), ("ort-cpu", lambda: cpu)])
+    assert r.name == "trt"
+    with pytest.warns(RuntimeWarning, match="trt ran out of GPU memory; falling back to ort-cpu"):
+        assert r.infer({})["out"][0] == 1
+    assert r.name == "ort-cpu" and not gpu.active and cpu.calls == 1
+    r.infer({})
+    assert gpu.calls == 1  # the failed backend is not retried
+
+
+def test_other_errors_are_not_hidden_by_the_fallback():
+    r = FallbackRunner("unet", [("trt", lambda: _Fake("trt", "engine is corrupt")),
+                                ("ort-cpu", lambda: _Fake("ort-cpu"))])
+    with pytest.raises(BackendError, match="corrupt"):
+        r.infer({})
+
+
+def test_precision_plan_keeps_norms_quantizer_and_time_embedding_in_fp32(tiny_export):
+    enc = onnx.load(str(tiny_export / "encoder.onnx"))
+    keep = fp32_nodes(enc)
+    by_name = {n.name: n for n in enc.graph.node}
+    ops_kept = {by_name[k].op_type for k in keep}
+    assert {"GroupNormalization", "ArgMin", "MatMul", "Gather"} <= ops_kept
+    assert all("quantize" in node_scope(n) for n in enc.graph.node if n.op_type == "ArgMin")
+    assert not any(by_name[k].op_type == "Conv" for k in keep)
+    unet = onnx.load(str(tiny_export / "unet.onnx"))
+    keep = fp32_nodes(unet)
+    kept_ops = [n.op_type for n in unet.graph.node if n.name in keep]
+    assert {"GroupNormalization", "Softmax", "Cos", "Sin", "Gemm"} <= set(kept_ops)
+    cos = next(n for n in unet.graph.node if n.op_type == "Cos")
+    producer = next(n for n in unet.graph.node if cos.input[0] in n.output)
+    assert producer.name in keep  # t * freqs is computed in FP32 too
+    assert not any(n.op_type == "Conv" and n.name in keep for n in unet.graph.node)
+
+
+def test_fp16_copy_keeps_fp32_islands_exact_and_stays_trt_compatible(tiny_export, tmp_path):
+    md = ModelDir(tiny_export)
+    for c in ("encoder", "unet"):
+        dst = tmp_path / f"{c}.fp16.onnx"
+        to_fp16(md.component_file(c), dst)
+        assert check_file(dst) == []
+        m = onnx.load(str(dst))
+        assert sum(1 for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16) > 5
+        feeds = sample_feeds(md.component(c), 2, 0)
+        a = OrtRunner(md.component_file(c), md.component(c)).infer(feeds)
+        b = OrtRunner(dst, md.component(c)).infer(feeds)
+        (name,) = a
+        assert b[name].dtype == np.float32
+        rel = np.abs(a[name] - b[name]).max() / np.abs(a[name]).max()
+        assert rel < 3e-2
+        if c == "unet":
+            assert rel > 0  # really computed in FP16
+        else:  # FP16 convolutions, FP32 quantizer: the same codebook entries come out exactly
+            assert rel == 0
+    # between two FP32 nodes the quantizer's data is never rounded through FP16
+    m = onnx.load(str(tmp_path / "encoder.fp16.onnx"))
+    argmin = next(n for n in m.graph.node if n.op_type == "ArgMin")
+    producer = next(n for n in m.graph.node if argmin.input[0] in n.output)
+    assert producer.op_type == "Sub"
+
+
+@pytest.mark.gpu
+def test_build_and_run_engines_on_a_gpu(tiny_export, tmp_path):
+    from aldm.runtime.cuda import gpu_info
+
+    if trt.tensorrt_version() is None:
+        pytest.skip("TensorRT's builder is not installed (PyPI serves only stubs here; needs NVIDIA's index)")
+    if gpu_info() is None:
+        pytest.skip("no CUDA GPU on this machine")
+    import shutil
+
+    from aldm.runtime.pipeline import Pipeline
+    from aldm.runtime.trt_build import build_engines
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_export, d)
+    build_engines(d, trt.BuildOptions("fp32", 2))
+    assert trt.engines_usable(ModelDir(d), "fp32")
+    x = sample_feeds(ModelDir(d).component("encoder"), 1, 0)["x"]
+    a = Pipeline.load(d, backend="trt", precision="fp32").translate(x, ["t2"], steps=5, seed=0)
+    b = Pipeline.load(d, backend="ort-cpu").translate(x, ["t2"], steps=5, seed=0)
+    assert np.abs(a.volumes["t2"] - b.volumes["t2"]).max() < 1e-2
