@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aldm.cli.infer import app
+from aldm.runtime.manifest import sha256_file
 from conftest import DATA, need, synthetic_volume, write_nifti
 
 
@@ -46,7 +48,9 @@ def test_translates_into_the_source_space_with_sidecars(tiny_export, src, tmp_pa
         assert data.min() >= 0 and data.max() <= 1
         assert (data[np.asarray(source.dataobj) == 0] == 0).all()  # background stays 0
         side = json.loads((out / f"case01_t1_{target}.json").read_text())
-        assert side["target"] == target and side["seed"] == 3 and side["steps"] == 5
+        assert side["target"] == target and side["steps"] == 5
+        assert side["seed"] == (3 * 1_000_003 + zlib.crc32(b"case01_t1.nii.gz")) % 2**31  # per-case seed
+        assert side["output_sha256"] == sha256_file(out / f"case01_t1_{target}.nii.gz")
         assert side["backend"] == "ort-cpu" and len(side["manifest_sha256"]) == 64
         assert side["aldm_version"] and "timings_s" in side and side["preprocessing"]
     assert not list(out.glob(".*partial*"))

@@ -12,18 +12,19 @@ import os
 import re
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
 import aldm
 from aldm.errors import AldmError, ModelError, UsageError
 from aldm.nifti import Volume, load_volume, save_like, stem
-from aldm.preprocess import FINER_TOLERANCE, invert, preprocess
+from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
 from aldm.runtime.manifest import MANIFEST, sha256_file
-from aldm.runtime.pipeline import Pipeline
+from aldm.runtime.pipeline import Pipeline, Translation
 
 BRASYN = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 _MODALITY_SUFFIX = re.compile(r"[-_.](t1|t1ce|t2|flair|t1n|t1c|t2w|t2f)$", re.IGNORECASE)
@@ -81,11 +82,14 @@ class Translator:
         self.manifest_sha256 = sha256_file(pipeline.model.file(MANIFEST))
 
     # ------------------------------------------------------------------------------ naming
-    def output_dir(self, source: Path) -> Path:
+    def output_dir(self, source: Path, out_dir: Path | None = None) -> Path:
+        if out_dir is not None:
+            return out_dir
         return self.options.out_dir if self.options.out_dir is not None else source.parent
 
-    def output_paths(self, source: Path) -> dict[str, Path]:
-        d, s = self.output_dir(source), stem(source)
+    def output_paths(self, source: Path, out_dir: Path | None = None, name: str | None = None) -> dict[str, Path]:
+        """Output file per target; `name` overrides the source's file name (archive members)."""
+        d, s = self.output_dir(source, out_dir), stem(Path(name or source.name))
         if self.options.naming == "brasyn":
             case = _MODALITY_SUFFIX.sub("", s)
             return {t: d / f"{case}-{BRASYN[t]}.nii.gz" for t in self.options.targets}
@@ -95,9 +99,9 @@ class Translator:
     def sidecar_path(output: Path) -> Path:
         return output.with_name(stem(output) + ".json")
 
-    def check_writable(self, source: Path) -> None:
+    def check_writable(self, paths: dict[str, Path]) -> None:
         """Fail before any compute if outputs exist (without overwrite) or the folder is unwritable."""
-        d = self.output_dir(source)
+        d = next(iter(paths.values())).parent
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=d, prefix=".aldm-write-test-"):
@@ -105,45 +109,75 @@ class Translator:
         except OSError as exc:
             raise AldmError(f"output folder {d} is not writable ({exc.strerror or exc})") from None
         if not self.options.overwrite:
-            existing = [p for p in self.output_paths(source).values() if p.exists()]
+            existing = [p for p in paths.values() if p.exists()]
             if existing:
                 raise AldmError(f"{existing[0]} exists; pass --overwrite to replace it")
 
+    def is_complete(self, paths: dict[str, Path]) -> bool:
+        """Every output and sidecar present, the sidecar made by this model, the output's bytes
+        the ones the sidecar hashed: a case a rerun can skip."""
+        for path in paths.values():
+            side = self.sidecar_path(path)
+            try:
+                doc = json.loads(side.read_text())
+                ok = (doc.get("manifest_sha256") == self.manifest_sha256
+                      and doc.get("output_sha256") == sha256_file(path))
+            except (OSError, ValueError):
+                return False
+            if not ok:
+                return False
+        return True
+
     # ------------------------------------------------------------------------------ the job
-    def run(self, source: str | Path, *, callback=None,
-            on_stage: Callable[[str], None] | None = None) -> CaseResult:
-        source = Path(source)
-        t0 = time.perf_counter()
-        self.check_writable(source)
+    def seed_for(self, case_id: str) -> int:
+        """A case's seed depends on --seed and the case alone, not on batch order or size."""
+        if self.options.seed is None:
+            return int(np.random.SeedSequence().entropy % 2**31)
+        return (self.options.seed * 1_000_003 + zlib.crc32(case_id.encode())) % 2**31
+
+    def load(self, source: Path) -> tuple[Volume, Prepared]:
         vol = load_volume(source)
         prep = preprocess(vol.data, vol.affine, self.pipeline.manifest.preprocessing,
                           finer_tolerance=self.options.finer_tolerance)
-        t_load = time.perf_counter() - t0
-        seed = self.options.seed if self.options.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
-        tr = self.pipeline.translate(prep.x, list(self.options.targets), steps=self.options.steps,
-                                     eta=self.options.eta, seed=seed, callback=callback, on_stage=on_stage)
-        t1 = time.perf_counter()
+        return vol, prep
+
+    def compute(self, prep: Prepared, seed: int, *, callback=None, on_stage=None) -> Translation:
+        return self.pipeline.translate(prep.x, list(self.options.targets), steps=self.options.steps,
+                                       eta=self.options.eta, seed=seed, callback=callback, on_stage=on_stage)
+
+    def write(self, vol: Volume, prep: Prepared, tr: Translation, paths: dict[str, Path], seed: int,
+              timings: dict[str, float]) -> CaseResult:
+        t0 = time.perf_counter()
         foreground = vol.data > 0
-        paths = self.output_paths(source)
-        outputs, sidecars = {}, {}
-        results = {}
+        outputs = {}
         for target, path in paths.items():
             out = invert(tr.volumes[target][0, 0], prep.record, intensity=self.options.intensity)
-            results[target] = np.where(foreground, out, np.float32(0))
-        timings = {"load_preprocess": t_load, **tr.timings, "write": 0.0}
-        for target, path in paths.items():
-            outputs[target] = save_like(vol, results[target], path, f"aldm {target} from {source.name}")
-        timings["write"] = time.perf_counter() - t1
-        timings["total"] = time.perf_counter() - t0
-        for target, path in outputs.items():
-            sidecars[target] = self._write_sidecar(path, vol, target, seed, tr, prep, timings)
+            out = np.where(foreground, out, np.float32(0))
+            outputs[target] = save_like(vol, out, path, f"aldm {target} from {vol.path.name}")
+        timings = dict(timings) | {"write": time.perf_counter() - t0}
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        sidecars = {t: self._write_sidecar(p, vol, t, seed, tr, prep, timings) for t, p in outputs.items()}
         preview_path = None
         if self.options.preview:
             from aldm.preview import preview
 
             views = {"source": prep.x[0, 0]} | {t: v[0, 0] for t, v in tr.volumes.items()}
-            preview_path = preview(self.output_dir(source) / f"{stem(source)}_preview.png", views)
-        return CaseResult(source, outputs, sidecars, timings, prep.warnings, preview_path)
+            first = next(iter(outputs.values()))
+            preview_path = preview(first.parent / f"{stem(vol.path)}_preview.png", views)
+        return CaseResult(vol.path, outputs, sidecars, timings, prep.warnings, preview_path)
+
+    def run(self, source: str | Path, *, callback=None,
+            on_stage: Callable[[str], None] | None = None) -> CaseResult:
+        """One source, start to finish."""
+        source = Path(source)
+        paths = self.output_paths(source)
+        self.check_writable(paths)
+        t0 = time.perf_counter()
+        vol, prep = self.load(source)
+        t_load = time.perf_counter() - t0
+        seed = self.seed_for(source.name)
+        tr = self.compute(prep, seed, callback=callback, on_stage=on_stage)
+        return self.write(vol, prep, tr, paths, seed, {"load_preprocess": t_load, **tr.timings})
 
     def _write_sidecar(self, output: Path, vol: Volume, target: str, seed: int, tr, prep, timings) -> Path:
         m = self.pipeline.manifest
@@ -153,6 +187,7 @@ class Translator:
             "source_modality": self.options.source_modality,
             "target": target,
             "output": output.name,
+            "output_sha256": sha256_file(output),
             "model": str(self.pipeline.model.path.resolve()),
             "manifest_sha256": self.manifest_sha256,
             "backend": self.pipeline.backend,
@@ -171,9 +206,3 @@ class Translator:
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, path)
         return path
-
-
-def translate_files(pipeline: Pipeline, sources: Sequence[str | Path], options: Options,
-                    **kwargs) -> list[CaseResult]:
-    translator = Translator(pipeline, options)
-    return [translator.run(s, **kwargs) for s in sources]

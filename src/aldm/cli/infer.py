@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 
 @app.command()
 def infer(
-    sources: Annotated[list[Path], typer.Argument(help="Source NIfTI volumes (.nii / .nii.gz), any orientation, spacing and dtype.", show_default=False)],
+    sources: Annotated[Optional[list[Path]], typer.Argument(help="Source NIfTI volumes (.nii / .nii.gz), any orientation, spacing and dtype.", show_default=False)] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated targets from t1, t1ce, t2, flair. Default: every modality but the source's.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Exported model folder. Default: the model bundled with aldm.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: next to each source.")] = None,
@@ -34,6 +34,11 @@ def infer(
     preview: Annotated[bool, typer.Option("--preview", help="Also write <stem>_preview.png: axial, coronal and sagittal slices of the source and every output.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (default: refuse).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-file lines; errors still print.")] = False,
+    batch: Annotated[Optional[Path], typer.Option(help="Convert a whole input: a folder (recursive), a .txt/.csv list, a BraTS layout (one folder per subject; --source-modality picks the file) or a .zip/.tar(.gz) archive. Needs --out. Exit 0 if every case succeeds, 3 if some failed.")] = None,
+    prefetch: Annotated[int, typer.Option(help="Batch: cases read and preprocessed ahead of the computation.")] = 2,
+    ray: Annotated[bool, typer.Option("--ray", help="Batch: spread cases over a Ray cluster (a local one unless --ray-address), one model per worker, a GPU each when the cluster has them.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="Batch with --ray: the cluster to join (e.g. 10.0.0.5:6379 or auto).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Batch with --ray: number of workers. Default: one per GPU, else per CPU.")] = None,
 ) -> None:
     """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
     from aldm.infer import Options, Translator, default_model_dir
@@ -41,6 +46,12 @@ def infer(
 
     mods = ("t1", "t1ce", "t2", "flair")
     target_list = split_list(targets) or [m for m in mods if m != source_modality]
+    if batch is not None and sources:
+        fail("give either SOURCES or --batch INPUT, not both", 2)
+    if batch is None and not sources:
+        fail("no sources given (or use --batch INPUT)", 2)
+    if batch is not None and out is None:
+        fail("--batch needs --out DIR", 2)
     try:
         opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
                        source_modality.lower(), naming, intensity, overwrite, preview)
@@ -53,6 +64,12 @@ def infer(
             ddim_timesteps(steps, pipeline.manifest.schedule.timesteps)
     except AldmError as exc:
         fail(str(exc), exc.exit_code)
+    if batch is not None:
+        from aldm.cli.batch_cmd import run_batch
+
+        raise typer.Exit(run_batch(translator, batch, out, prefetch=prefetch,
+                                   ray=(ray_address or "local") if ray else None, workers=workers,
+                                   backend=backend, threads=threads, quiet=quiet))
 
     failed = 0
     with _progress(quiet) as bar:
@@ -104,3 +121,7 @@ def _progress(quiet: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                     console=Console(stderr=True), transient=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,376 @@
+"""Batch conversion of archives: many scans, no lost work, optionally over a Ray cluster.
+
+Inputs: a folder (recursive *.nii / *.nii.gz), a .txt/.csv list, a BraTS-style layout (one
+folder per subject; the source modality picks the file) or a .zip / .tar(.gz) archive, read one
+member at a time. Every case is independent: a failure is recorded with its reason and the batch
+goes on. Outputs are atomic; a rerun skips complete cases (output bytes match the sidecar's hash)
+and redoes partial ones. Reading the next case and writing the previous one overlap the current
+computation (bounded queues). SIGINT abandons the case being computed, finishes the write in
+progress and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import queue
+import shutil
+import signal
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+from aldm import MODALITY_ALIASES
+from aldm.errors import AldmError, UsageError
+from aldm.nifti import NIFTI_SUFFIXES, stem
+
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+@dataclass
+class Case:
+    id: str  # stable: the entry's path relative to the input
+    rel_dir: str  # output subfolder, relative to --out
+    name: str  # file name (outputs are named after it)
+    path: Path | None = None  # a local file
+    member: str | None = None  # an archive member
+    refused: str | None = None  # why the entry is not processed at all
+
+
+@dataclass
+class Record:
+    id: str
+    status: str  # done | skipped | failed | interrupted
+    reason: str = ""
+    outputs: list[str] = field(default_factory=list)
+    seed: int | None = None
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------ discovery
+
+def _is_nifti(name: str) -> bool:
+    return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _unsafe(rel: str) -> str | None:
+    p = PurePosixPath(rel)
+    if rel.startswith(("/", "\\")) or p.is_absolute() or (len(rel) > 1 and rel[1] == ":"):
+        return "absolute path"
+    if ".." in p.parts:
+        return "path escapes the output folder (..)"
+    return None
+
+
+def discover(source: Path, source_modality: str = "t1") -> list[Case]:
+    """Every case of a batch input, refused entries included (with their reason)."""
+    if not source.exists():
+        raise UsageError(f"{source}: no such file or folder")
+    name = source.name.lower()
+    if source.is_file() and name.endswith(ARCHIVES):
+        return _archive_cases(source)
+    if source.is_file() and name.endswith((".txt", ".csv")):
+        return _list_cases(source)
+    if source.is_dir():
+        brats = _brats_cases(source, source_modality)
+        return brats if brats else _folder_cases(source)
+    raise UsageError(f"{source}: expected a folder, a .txt/.csv list or a .zip/.tar(.gz) archive")
+
+
+def _folder_cases(root: Path) -> list[Case]:
+    cases = []
+    for p in sorted(root.rglob("*")):
+        if not _is_nifti(p.name) or p.is_dir():
+            continue
+        rel = p.relative_to(root).as_posix()
+        parent = str(PurePosixPath(rel).parent)
+        case = Case(rel, "" if parent == "." else parent, p.name, path=p)
+        if p.is_symlink() and root.resolve() not in p.resolve().parents:
+            case.refused = "link pointing outside the input folder"
+        cases.append(case)
+    return cases
+
+
+def _brats_cases(root: Path, modality: str) -> list[Case]:
+    """One subfolder per subject holding `<...>[_-]<modality>.nii(.gz)`; [] if the layout differs."""
+    aliases = MODALITY_ALIASES.get(modality, (modality,))
+    cases = []
+    subjects = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    for d in subjects:
+        hits = [f for f in sorted(d.iterdir()) if _is_nifti(f.name) and
+                any(stem(f).lower().endswith(sep + a) for a in aliases for sep in "_-")]
+        if hits:
+            cases.append(Case(f"{d.name}/{hits[0].name}", d.name, hits[0].name, path=hits[0]))
+    return cases if subjects and len(cases) == len(subjects) else []
+
+
+def _list_cases(listing: Path) -> list[Case]:
+    rows = []
+    with open(listing, newline="") as f:
+        if listing.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            col = next((c for c in (reader.fieldnames or []) if c.lower() in ("path", "source", "file")),
+                       (reader.fieldnames or [None])[0])
+            rows = [r[col].strip() for r in reader if r.get(col, "").strip()]
+        else:
+            rows = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    cases, seen = [], {}
+    for entry in rows:
+        p = Path(entry) if Path(entry).is_absolute() else listing.parent / entry
+        rel = stem(p)
+        seen[rel] = seen.get(rel, 0) + 1
+        rel_dir = rel if seen[rel] == 1 else f"{rel}__{seen[rel]}"  # one folder per entry: no clashes
+        cases.append(Case(entry, rel_dir, p.name, path=p))
+    return cases
+
+
+def _archive_cases(archive: Path) -> list[Case]:
+    cases = []
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if info.is_dir() or not _is_nifti(info.filename):
+                    continue
+                case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
+                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                case.refused = "link" if is_link else _unsafe(info.filename)
+                if not case.refused:
+                    case.rel_dir = _parent(info.filename)
+                cases.append(case)
+        return cases
+    with tarfile.open(archive) as t:
+        for m in t.getmembers():
+            if m.isdir() or not _is_nifti(m.name):
+                continue
+            case = Case(m.name, "", PurePosixPath(m.name).name, member=m.name)
+            case.refused = "link" if (m.issym() or m.islnk()) else (
+                _unsafe(m.name) or (None if m.isfile() else "not a regular file"))
+            if not case.refused:
+                case.rel_dir = _parent(m.name)
+            cases.append(case)
+    return cases
+
+
+def _parent(rel: str) -> str:
+    parent = str(PurePosixPath(rel).parent)
+    return "" if parent == "." else parent
+
+
+@contextlib.contextmanager
+def materialize(case: Case, source: Path) -> Iterator[Path]:
+    """A local file for the case: the file itself, or one archive member copied to a temp file."""
+    if case.path is not None:
+        yield case.path
+        return
+    suffix = ".nii.gz" if case.name.lower().endswith(".gz") else ".nii"
+    with tempfile.TemporaryDirectory(prefix="aldm-member-") as tmp:
+        local = Path(tmp) / f"member{suffix}"
+        if source.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(source) as z, z.open(case.member) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            with tarfile.open(source) as t:
+                src = t.extractfile(case.member)
+                with open(local, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        yield local
+
+
+# ------------------------------------------------------------------------------ local runner
+
+class Stop(Exception):
+    """Raised from the sampler callback after SIGINT: abandon the case being computed."""
+
+
+def clean_partials(out: Path) -> int:
+    """Remove temporary files a killed run left behind (never a final name)."""
+    n = 0
+    if out.exists():
+        for p in out.rglob(".*.partial-*"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def output_dir(out: Path, case: Case) -> Path:
+    d = (out / case.rel_dir).resolve() if case.rel_dir else out.resolve()
+    if d != out.resolve() and out.resolve() not in d.parents:
+        raise AldmError(f"{case.id}: output would escape {out}")
+    return d
+
+
+def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetch: int = 2,
+              on_event: Callable[[str, Case, Record | None], None] = lambda *a: None,
+              stop: threading.Event | None = None) -> list[Record]:
+    """Reader thread -> compute (this thread) -> writer thread, with bounded queues."""
+    stop = stop or threading.Event()
+    loaded: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    to_write: queue.Queue = queue.Queue(maxsize=1)
+    records: dict[str, Record] = {}
+    lock = threading.Lock()
+
+    def record(rec: Record, case: Case) -> None:
+        with lock:
+            records[rec.id] = rec
+        on_event("case", case, rec)
+
+    def reader() -> None:
+        for case in cases:
+            if stop.is_set():
+                break
+            if case.refused:
+                record(Record(case.id, "failed", f"refused: {case.refused}"), case)
+                continue
+            try:
+                d = output_dir(out, case)
+                paths = translator.output_paths(Path(case.name), d)
+                if not translator.options.overwrite and translator.is_complete(paths):
+                    record(Record(case.id, "skipped", "complete outputs exist",
+                                  [str(p) for p in paths.values()]), case)
+                    continue
+                t0 = time.perf_counter()
+                d.mkdir(parents=True, exist_ok=True)
+                with materialize(case, source) as local:
+                    vol, prep = translator.load(local)
+                if case.member is not None:
+                    vol.path = Path(f"{source}!/{case.member}")
+                loaded.put((case, paths, vol, prep, time.perf_counter() - t0))
+            except (AldmError, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+                record(Record(case.id, "failed", _reason(exc)), case)
+        loaded.put(None)
+
+    def writer() -> None:
+        while (item := to_write.get()) is not None:
+            case, paths, vol, prep, tr, seed, read_s, compute_s = item
+            try:
+                res = translator.write(vol, prep, tr, paths, seed, {"read": read_s, "compute": compute_s})
+                record(Record(case.id, "done", "", [str(p) for p in res.outputs.values()], seed,
+                              read_s, compute_s, res.timings["write"]), case)
+            except (AldmError, OSError) as exc:
+                record(Record(case.id, "failed", _reason(exc), seed=seed), case)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+
+    def check_stop(i, n, t, x):
+        if stop.is_set():
+            raise Stop
+
+    try:
+        while (item := loaded.get()) is not None:
+            case, paths, vol, prep, read_s = item
+            if stop.is_set():
+                record(Record(case.id, "interrupted", "stopped before computing"), case)
+                continue
+            on_event("start", case, None)
+            seed = translator.seed_for(case.id)
+            t0 = time.perf_counter()
+            try:
+                tr = translator.compute(prep, seed, callback=check_stop)
+            except Stop:
+                record(Record(case.id, "interrupted", "stopped while computing", seed=seed), case)
+                continue
+            except (AldmError, MemoryError) as exc:
+                record(Record(case.id, "failed", _reason(exc), seed=seed), case)
+                continue
+            to_write.put((case, paths, vol, prep, tr, seed, read_s, time.perf_counter() - t0))
+    finally:
+        to_write.put(None)
+        for t in threads:
+            t.join()
+    return [records[c.id] for c in cases if c.id in records]
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return msg if isinstance(exc, AldmError) else f"{type(exc).__name__}: {msg}"
+
+
+@contextlib.contextmanager
+def sigint_stops(stop: threading.Event, say: Callable[[str], None]):
+    """First Ctrl-C: finish the write in progress, then stop. Second: abort at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        say("interrupt: finishing the current write, then stopping (Ctrl-C again to abort)")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# ------------------------------------------------------------------------------ report
+
+def summarise(records: list[Record], wall_s: float) -> dict:
+    done = [r for r in records if r.status == "done"]
+    n = len(done)
+    per = lambda attr: sum(getattr(r, attr) for r in done) / n if n else 0.0  # noqa: E731
+    return {
+        "cases": len(records), "done": n,
+        "skipped": sum(r.status == "skipped" for r in records),
+        "failed": sum(r.status == "failed" for r in records),
+        "interrupted": sum(r.status == "interrupted" for r in records),
+        "wall_s": round(wall_s, 2),
+        "cases_per_hour": round(3600 * n / wall_s, 1) if wall_s > 0 and n else 0.0,
+        "wall_s_per_case": round(wall_s / n, 2) if n else None,
+        "mean_s_per_case": {"read": round(per("read_s"), 2), "compute": round(per("compute_s"), 2),
+                            "write": round(per("write_s"), 2)},
+    }
+
+
+def write_report(records: list[Record], summary: dict, out: Path, prefix: str = "aldm_report") -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    j, c = out / f"{prefix}.json", out / f"{prefix}.csv"
+    tmp = j.with_name(j.name + ".partial")
+    tmp.write_text(json.dumps({"summary": summary, "cases": [asdict(r) for r in records]}, indent=1))
+    tmp.replace(j)
+    with open(c.with_name(c.name + ".partial"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(records[0]) if records else Record("", "").__dict__))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (";".join(v) if isinstance(v, list) else v) for k, v in asdict(r).items()})
+    c.with_name(c.name + ".partial").replace(c)
+    return j, c
+
+
+def exit_code(records: list[Record]) -> int:
+    if any(r.status == "interrupted" for r in records):
+        return 130
+    return 3 if any(r.status == "failed" for r in records) else 0
+
+
+def payload(case: Case, source: Path) -> dict:
+    """A case as plain data for a remote worker (archive members travel as bytes)."""
+    d = asdict(case)
+    d["path"] = str(case.path) if case.path else None
+    if case.member is not None and not case.refused:
+        with materialize(case, source) as local:
+            d["data"] = local.read_bytes()
+    return d
+
+
+def from_payload(d: dict) -> Case:
+    d = {k: v for k, v in d.items() if k != "data"}
+    d["path"] = Path(d["path"]) if d["path"] else None
+    return Case(**d)
+
+
+def os_cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

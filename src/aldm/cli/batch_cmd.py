@@ -1,0 +1,80 @@
+"""The batch side of aldm-infer: discovery, progress, report, exit code (0 all done, 3 failures)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import typer
+
+from aldm.cli._common import fail, say
+from aldm.errors import AldmError
+
+
+def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | None,
+              workers: int | None, backend: str, threads: int | None, quiet: bool) -> int:
+    from aldm import batch as B
+
+    try:
+        cases = B.discover(source, translator.options.source_modality)
+    except AldmError as exc:
+        fail(str(exc), exc.exit_code)
+    if not cases:
+        fail(f"{source}: no NIfTI volumes found", 2)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = B.clean_partials(out)
+    if stale and not quiet:
+        say(f"removed {stale} temporary file(s) left by an interrupted run")
+    stop = threading.Event()
+    bar, task = _bar(quiet, len(cases))
+
+    def on_event(kind, case, rec):
+        if kind == "case" and rec is not None:
+            if bar:
+                bar.advance(task)
+            if rec.status == "failed":
+                typer.echo(f"failed: {case.id}: {rec.reason}", err=True)
+        elif kind == "start" and bar:
+            bar.update(task, description=case.id)
+
+    t0 = time.perf_counter()
+    with B.sigint_stops(stop, say), (bar or _null()):
+        if ray is not None:
+            from aldm.batch_ray import run_ray
+
+            opts = dataclasses.asdict(translator.options) | {"out_dir": None}
+            records = run_ray(translator.pipeline.model.path, opts, source, cases, out, address=ray,
+                              workers=workers, backend=backend, threads=threads or 1, on_event=on_event)
+        else:
+            records = B.run_local(translator, source, cases, out, prefetch=prefetch, on_event=on_event, stop=stop)
+    summary = B.summarise(records, time.perf_counter() - t0)
+    j, c = B.write_report(records, summary, out)
+    if not quiet:
+        m = summary["mean_s_per_case"]
+        say(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed, "
+            f"{summary['interrupted']} interrupted in {summary['wall_s']} s "
+            f"({summary['cases_per_hour']} cases/hour; per case: read {m['read']} s, compute {m['compute']} s, "
+            f"write {m['write']} s; wall {summary['wall_s_per_case']} s)")
+        say(f"report: {j} and {c}")
+    return B.exit_code(records)
+
+
+def _bar(quiet: bool, total: int):
+    if quiet:
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    return bar, bar.add_task("batch", total=total)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
