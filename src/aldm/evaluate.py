@@ -131,6 +131,28 @@ def _load(path: Path) -> np.ndarray:
     return load_volume(path).data
 
 
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, ref_affine: np.ndarray,
+                     ref_shape: Sequence[int]) -> np.ndarray:
+    """Trilinear resampling of `data` (world placement `affine`) onto another voxel grid, through
+    the affines (no registration); 0 outside the source field of view."""
+    m = np.linalg.inv(affine) @ ref_affine  # ref voxel -> data voxel
+    jj, kk = np.meshgrid(np.arange(ref_shape[1]), np.arange(ref_shape[2]), indexing="ij")
+    out = np.zeros(tuple(ref_shape), np.float32)
+    for i in range(ref_shape[0]):
+        pts = m[:3, :3] @ np.stack([np.full(jj.size, i), jj.ravel(), kk.ravel()]) + m[:3, 3:4]
+        lo = np.floor(pts).astype(int)
+        w = pts - lo
+        acc = np.zeros(jj.size)
+        for corner in range(8):
+            off = [(corner >> a) & 1 for a in range(3)]
+            idx = lo + np.array(off)[:, None]
+            ok = np.all((idx >= 0) & (idx < np.array(data.shape)[:, None]), axis=0)
+            weight = np.prod([w[a] if off[a] else 1 - w[a] for a in range(3)], axis=0)
+            acc[ok] += weight[ok] * data[idx[0, ok], idx[1, ok], idx[2, ok]]
+        out[i] = acc.reshape(jj.shape)
+    return out
+
+
 def _reference_for(case: str, target: str, ref_root: Path) -> Path | None:
     from aldm import MODALITY_ALIASES as ALIASES
 
@@ -146,7 +168,8 @@ def _reference_for(case: str, target: str, ref_root: Path) -> Path | None:
 
 
 def evaluate(pred: str | Path, ref: str | Path, *, baselines: bool = False) -> list[Row]:
-    """Score one prediction file against one reference file, or every aldm-infer output (found
+    """Score one prediction file against one reference file (resampled through the affines onto
+    the prediction's grid when the grids differ; mask: both > 0), or every aldm-infer output (found
     by its JSON sidecar) in `pred` against the matching volume of a BraTS-layout folder `ref`.
     With `baselines`, also the identity (source as prediction) and the per-case linear fit."""
     import json
@@ -155,8 +178,14 @@ def evaluate(pred: str | Path, ref: str | Path, *, baselines: bool = False) -> l
 
     pred, ref = Path(pred), Path(ref)
     if pred.is_file():
-        r = _load(ref)
-        s = score(_load(pred), r)
+        from aldm.nifti import load_volume
+
+        p, r = load_volume(pred), load_volume(ref)
+        ref_data = r.data
+        if r.data.shape != p.data.shape or not np.allclose(r.affine, p.affine, atol=1e-4):
+            ref_data = resample_to_grid(r.data, r.affine, p.affine, p.data.shape)
+        mask = (ref_data > 0) & (p.data > 0)
+        s = score(p.data, ref_data, mask)
         return [Row(pred.name, "?", "model", s.psnr, s.ssim, s.nmse)]
     rows = []
     sidecars = sorted(pred.glob("*.json"))

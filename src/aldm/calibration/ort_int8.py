@@ -23,6 +23,24 @@ def first_and_last_convs(model) -> list[str]:
     return sorted(set(first + last))
 
 
+def calibration_pick(n: int, max_samples: int = 64, seed: int = 0) -> list[int]:
+    """Which recorded samples set the INT8 ranges (the rest are held out for `aldm check`)."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n, min(max_samples, n), replace=False).tolist())
+
+
+def held_out_feeds(calib: str | Path, component: str, batch: int, max_samples: int = 64) -> dict | None:
+    """`batch` recorded rows that did not calibrate, evenly spread over the recording (for the UNet:
+    over the sampling steps), stacked into one feed; None if there are none."""
+    samples = load_samples(calib, component)
+    used = set(calibration_pick(len(samples), max_samples))
+    rest = [s for i, s in enumerate(samples) if i not in used] or samples
+    if not rest:
+        return None
+    idx = np.linspace(0, len(rest) - 1, batch).round().astype(int)
+    return {k: np.concatenate([rest[i][k] for i in idx]) for k in rest[0]}
+
+
 def quantize_component(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], *,
                        max_samples: int = 64, seed: int = 0) -> list[str]:
     """Write an INT8 QDQ copy of `src`; returns the nodes kept in float."""
@@ -34,9 +52,7 @@ def quantize_component(src: Path, dst: Path, samples: list[dict[str, np.ndarray]
 
     model = onnx.load(str(src))
     exclude = sorted(fp32_nodes(model) | set(first_and_last_convs(model)))
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(samples), min(max_samples, len(samples)), replace=False)
-    chosen = [samples[i] for i in sorted(pick)]
+    chosen = [samples[i] for i in calibration_pick(len(samples), max_samples, seed)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):

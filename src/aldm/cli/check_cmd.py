@@ -19,7 +19,8 @@ def check(
     precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precisions (fp32, fp16, int8). Default: every one the model folder holds.")] = None,
     e2e: Annotated[Optional[list[Path]], typer.Option(help="Source volumes (repeatable): also translate each at every reduced precision and at FP32 and require the end-to-end PSNR (45 dB FP16, 35 dB INT8).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps of the end-to-end runs. Default: the manifest's.")] = None,
-    batch: Annotated[int, typer.Option(help="Batch size of the seeded inputs (rows get different classes).")] = 2,
+    batch: Annotated[int, typer.Option(help="Batch size of the inputs (rows get different classes).")] = 2,
+    inputs: Annotated[str, typer.Option(help="auto: real inputs recorded by `aldm calibrate` (held out from calibration) when the folder has them, else seeded random ones; or random / recorded.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the inputs.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
@@ -32,7 +33,8 @@ def check(
     md = ModelDir(model_dir)
     precs = split_list(precisions) or md.precisions
     report = check_model(md, reference_model(md, str(reference) if reference else None),
-                         backends=split_list(backends) or None, precisions=precs, batch=batch, seed=seed)
+                         backends=split_list(backends) or None, precisions=precs, batch=batch, seed=seed,
+                         inputs=inputs)
     e2e_results = []
     for p in precs:
         if p != "fp32" and e2e:
@@ -43,7 +45,7 @@ def check(
     passed = bool(report) and all(e2e_results)
     if json_out:
         json_out.write_text(json.dumps({
-            "passed": passed, "skipped": report.skipped,
+            "passed": passed, "inputs": report.inputs, "skipped": report.skipped,
             "results": [{"component": r.component, "backend": r.backend, "max_abs": r.max_abs,
                          "max_rel": r.max_rel, "rtol": r.tolerance.rtol, "code_agreement": r.code_agreement,
                          "passed": bool(r)} for r in report.results],

@@ -62,13 +62,30 @@ def available_backends() -> list[str]:
         ["trt"] if trt.tensorrt_version() else [])
 
 
+def check_feeds(model_dir: ModelDir, batch: int, seed: int, n_classes: int,
+                inputs: str = "auto") -> tuple[dict[str, dict[str, np.ndarray]], str]:
+    """Inputs for every component: recorded real ones (held out from INT8 calibration) when the
+    model folder has recordings and `inputs` is auto/recorded, else seeded random ones."""
+    calib = model_dir.path / "calibration"
+    if inputs in ("auto", "recorded") and any(calib.glob("unet_*.npz")):
+        from aldm.calibration.ort_int8 import held_out_feeds
+
+        feeds = {c: held_out_feeds(calib, c, batch) for c in COMPONENTS}
+        if all(f is not None for f in feeds.values()):
+            return feeds, "recorded"
+    if inputs == "recorded":
+        raise ModelError(f"{calib} holds no recorded inputs (run `aldm calibrate` first)")
+    return {c: sample_feeds(model_dir.component(c), batch, seed + i, n_classes,
+                            model_dir.manifest.schedule.timesteps) for i, c in enumerate(COMPONENTS)}, "random"
+
+
 def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str] | None = None,
                 precisions: Sequence[str] = ("fp32",), batch: int = 2, seed: int = 0,
+                inputs: str = "auto",
                 tolerances: Mapping[str, Mapping[str, Tolerance]] = TOLERANCES) -> Report:
     report = Report()
     n_classes = reference.config.first_stage_config.num_classes
-    feeds = {c: sample_feeds(model_dir.component(c), batch, seed + i, n_classes,
-                             model_dir.manifest.schedule.timesteps) for i, c in enumerate(COMPONENTS)}
+    feeds, report.inputs = check_feeds(model_dir, batch, seed, n_classes, inputs)
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
     for precision in precisions:
         for backend in backends or available_backends():

@@ -61,12 +61,14 @@ class Result:
 class Report:
     results: list = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    inputs: str = "random"  # what the components were fed: seeded random or recorded real inputs
 
     def __bool__(self) -> bool:
         return bool(self.results) and all(self.results)
 
     def __str__(self) -> str:
-        return "\n".join([str(r) for r in self.results] + [f"SKIP  {s}" for s in self.skipped])
+        head = [f"inputs: {self.inputs}"]
+        return "\n".join(head + [str(r) for r in self.results] + [f"SKIP  {s}" for s in self.skipped])
 
 
 def compare(component: str, backend: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Result:

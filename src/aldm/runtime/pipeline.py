@@ -153,6 +153,7 @@ class Pipeline:
                                                  official_rng=official_rng, callback=callback))
         vol = stage("decode", self.decode, z0)
         d = self.manifest.sampler
+        ran = self.manifest.schedule.timesteps if (sampler or d.name) == "ddpm" else steps or d.steps
         return Translation(
             volumes={name: vol[k * n : (k + 1) * n] for k, name in enumerate(names)},
-            timings=timings, steps=steps or d.steps, eta=d.eta if eta is None else eta)
+            timings=timings, steps=ran, eta=d.eta if eta is None else eta)

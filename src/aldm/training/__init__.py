@@ -15,6 +15,7 @@ import torch
 
 from aldm.errors import UsageError
 from aldm.models.aldm import VQModel
+from aldm.models.config import LDMConfig
 from aldm.runtime.manifest import Preprocessing
 from aldm.training.data import cache_cases, find_cases, split
 from aldm.training.loop import load_stage
@@ -26,7 +27,8 @@ __all__ = ["run_training", "SMALL", "BUDGETS"]
 def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] = (1, 2, 3),
                  max_minutes: float = 115, checkpoint_minutes: float = 10, seed: int = 0,
                  val_cases: list[str] | None = None, budgets: dict[int, Budget] = BUDGETS,
-                 threads: int | None = None, quiet: bool = False,
+                 threads: int | None = None, quiet: bool = False, config: LDMConfig = SMALL,
+                 preprocessing: Preprocessing | None = None, warmup: int = 300,
                  say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the stages in order until done or `max_minutes` of wall time are used."""
     if threads:
@@ -41,14 +43,14 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         raise UsageError(f"{split_file} holds another split; use a new --run folder")
     split_file.write_text(json.dumps(names, indent=1))
     say(f"{len(train)} training cases, {len(val)} held out: {', '.join(names['validation'])}")
-    cache = cache_cases(train, run / "cache", Preprocessing(), say=say)
-    cfg = SMALL
+    cache = cache_cases(train, run / "cache", preprocessing or Preprocessing(), say=say)
+    cfg = config
     left = lambda: max(0.0, (deadline - time.monotonic()) / 60)  # noqa: E731
     kw = dict(checkpoint_minutes=checkpoint_minutes, seed=seed, quiet=quiet)
     status = {}
 
     if 1 in stages and not _done(run, 1, budgets):
-        status[1] = train_stage1(run, cache, cfg, budget=budgets[1], max_minutes=left(), **kw)
+        status[1] = train_stage1(run, cache, cfg, budget=budgets[1], max_minutes=left(), warmup=warmup, **kw)
         if not status[1]:
             return status
     vq = VQModel(cfg.first_stage_config)
