@@ -76,3 +76,17 @@ def test_a_time_budget_pauses_and_a_rerun_continues(data, tmp_path):
     assert status == {1: False}
     assert read_checkpoint(run / "stage1" / "last.ckpt")["aldm_train"]["step"] == 0
     assert run_training(data, run, budgets=budgets(3, 2, 2), stages=(1,), **kw) == {1: True}
+
+
+def test_a_resumed_stage_drops_log_rows_the_checkpoint_does_not_hold(tmp_path):
+    from aldm.training.loop import Loop, TrainState
+
+    with open(tmp_path / "log.csv", "w") as f:  # a run logged to step 100, then died; its checkpoint: step 40
+        f.write("step,elapsed_s,loss\n" + "".join(f"{s},{s / 10},{1 / (s + 1)}\n" for s in range(0, 101, 10)))
+    loop = Loop(tmp_path, TrainState(3, 40), 60, max_minutes=5, checkpoint_minutes=5, save=lambda: None, quiet=True)
+    for _ in loop:
+        if loop.state.step % 10 == 0:
+            loop.log(loss=0.5)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 10, 20, 30, 40, 50]
+    assert [float(r["loss"]) for r in rows[4:]] == [0.5, 0.5]

@@ -52,6 +52,21 @@ class Loop:
         self._log_path = stage_dir / "log.csv"
         self._fields: list[str] | None = None
         self._bar = None
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        """Drop logged rows past the resumed step: that work died with the run that logged it and
+        is about to be redone, so the CSV keeps one row per step."""
+        if not self._log_path.exists():
+            return
+        with open(self._log_path, newline="") as f:
+            rows = list(csv.reader(f))
+        keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < self.state.step]
+        if len(keep) < len(rows):
+            tmp = self._log_path.with_suffix(".csv.partial")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(keep)
+            tmp.replace(self._log_path)
 
     def __iter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
