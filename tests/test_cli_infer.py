@@ -48,7 +48,7 @@ def test_translates_into_the_source_space_with_sidecars(tiny_export, src, tmp_pa
         assert data.min() >= 0 and data.max() <= 1
         assert (data[np.asarray(source.dataobj) == 0] == 0).all()  # background stays 0
         side = json.loads((out / f"case01_t1_{target}.json").read_text())
-        assert side["target"] == target and side["steps"] == 5
+        assert side["target"] == target and side["steps"] == 5 and side["strength"] == 1.0
         assert side["seed"] == (3 * 1_000_003 + zlib.crc32(b"case01_t1.nii.gz")) % 2**31  # per-case seed
         assert side["output_sha256"] == sha256_file(out / f"case01_t1_{target}.nii.gz")
         assert side["backend"] == "ort-cpu" and len(side["manifest_sha256"]) == 64
@@ -85,9 +85,11 @@ def test_singleton_fourth_axis_is_accepted(tiny_export, tmp_path):
     assert nib.load(str(tmp_path / "four_t2.nii.gz")).shape == (40, 36, 20, 1)
 
 
-def test_no_default_model_yet(src):
-    res = run(src, "--targets", "t2")
-    assert res.exit_code == 1 and "no default model is bundled" in res.output
+def test_strength_starts_from_the_spade_latent_and_runs_fewer_steps(tiny_export, src, tmp_path):
+    res = run(src, "--targets", "t2", "--out", tmp_path, "--strength", "0.4", *_model(tiny_export))
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "case01_t1_t2.json").read_text())
+    assert side["strength"] == 0.4 and side["steps"] == 5
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -150,6 +152,7 @@ def test_one_bad_source_does_not_stop_the_others(tiny_export, src, tmp_path):
     (["--targets", "t2", "--naming", "weird"], "--naming must be"),
     (["--targets", "t2", "--steps", "7"], "not a valid count"),
     (["--targets", "t2", "--backend", "cuda9"], "unknown backend"),
+    (["--targets", "t2", "--strength", "1.5"], "--strength must be in (0, 1]"),
 ])
 def test_usage_errors_exit_2(tiny_export, src, tmp_path, args, message):
     res = run(src, *args, "--model", tiny_export, "--out", tmp_path, "--quiet")
@@ -213,3 +216,15 @@ def test_real_volumes_come_back_on_their_own_grid(tiny_export_fullcrop, tmp_path
     np.testing.assert_allclose(img.affine, source.affine, atol=1e-6)
     np.testing.assert_allclose(img.header.get_qform(), source.header.get_qform(), atol=1e-6)
     np.testing.assert_allclose(img.header.get_sform(), source.header.get_sform(), atol=1e-6)
+
+
+def test_strength_runs_round_strength_times_steps_unet_calls(tiny_export):
+    from aldm.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_export)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 1, *pipe.manifest.preprocessing.crop_size)).astype(np.float32)
+    calls = []
+    tr = pipe.translate(x, ["t2"], steps=5, strength=0.4, seed=0, callback=lambda i, n, t, z: calls.append((n, t)))
+    assert calls == [(2, 201), (2, 1)] and tr.strength == 0.4
+    with pytest.raises(Exception, match="ddim"):
+        pipe.translate(x, ["t2"], strength=0.4, sampler="ddpm", seed=0)

@@ -124,3 +124,22 @@ def test_ddpm_step_adds_no_noise_at_t0():
     np.testing.assert_allclose(out[0], mean(0), rtol=1e-6)
     sigma = np.exp(0.5 * buf["posterior_log_variance_clipped"][500])
     np.testing.assert_allclose(out[1], mean(500) + 5.0 * sigma, rtol=1e-6)
+
+
+def test_strength_runs_the_lowest_steps_from_the_noised_initial_latent():
+    s = S.ddim_schedule(AC, 25, 0.0)
+    sub = S.ddim_truncate(s, 0.2)  # 5 of 25 steps: t = 161 .. 1
+    assert list(sub.timesteps[::-1]) == [161, 121, 81, 41, 1]
+    assert list(S.ddim_truncate(s, 1.0).timesteps) == list(s.timesteps)
+    assert len(S.ddim_truncate(s, 1e-3).timesteps) == 1  # never zero steps
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(UsageError, match="strength"):
+            S.ddim_truncate(s, bad)
+    init = np.full((1, 4, 2, 2, 2), 2.0, np.float32)
+    x = S.noised_start(init, sub, lambda shape: np.ones(shape, np.float32))
+    a = AC[161]
+    np.testing.assert_allclose(x, np.sqrt(a) * 2 + np.sqrt(1 - a), rtol=1e-6)
+    # a perfect denoiser (eps = the noise that was added) predicts the init at every step and
+    # ends on it at the final alpha-bar (AC[0]), as the official sampler does
+    out = S.ddim_sample(lambda x, t: np.ones_like(x), x, sub, lambda shape: np.zeros(shape, np.float32))
+    np.testing.assert_allclose(out, np.sqrt(AC[0]) * 2 + np.sqrt(1 - AC[0]), rtol=1e-5)

@@ -52,6 +52,7 @@ class Options:
     overwrite: bool = False
     preview: bool = False
     finer_tolerance: float = FINER_TOLERANCE
+    strength: float | None = None  # None: the manifest's default
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Translator:
             raise UsageError(f"--naming must be stem or brasyn, not {options.naming!r}")
         if options.intensity not in ("unit", "source"):
             raise UsageError(f"--intensity must be unit or source, not {options.intensity!r}")
+        if options.strength is not None and not 0 < options.strength <= 1:
+            raise UsageError(f"--strength must be in (0, 1], not {options.strength}")
         pipeline.classes(options.targets)  # validates the names
         self.pipeline, self.options = pipeline, options
         self.manifest_sha256 = sha256_file(pipeline.model.file(MANIFEST))
@@ -143,7 +146,7 @@ class Translator:
 
     def compute(self, prep: Prepared, seed: int, *, callback=None, on_stage=None) -> Translation:
         return self.pipeline.translate(prep.x, list(self.options.targets), steps=self.options.steps,
-                                       eta=self.options.eta, seed=seed, callback=callback, on_stage=on_stage)
+                                       eta=self.options.eta, strength=self.options.strength, seed=seed, callback=callback, on_stage=on_stage)
 
     def write(self, vol: Volume, prep: Prepared, tr: Translation, paths: dict[str, Path], seed: int,
               timings: dict[str, float]) -> CaseResult:
@@ -194,6 +197,7 @@ class Translator:
             "sampler": m.sampler.name,
             "steps": tr.steps,
             "eta": tr.eta,
+            "strength": tr.strength,
             "seed": seed,
             "intensity": self.options.intensity,
             "timings_s": {k: round(v, 4) for k, v in timings.items()},

@@ -19,6 +19,7 @@ def export(
     crop: Annotated[str, typer.Option(help="Model grid H,W,D in RAS voxels; fixes the graphs' spatial dims.")] = "144,192,144",
     steps: Annotated[int, typer.Option(help="Default DDIM steps recorded in the manifest (official: 200).")] = 200,
     eta: Annotated[float, typer.Option(help="Default DDIM eta (official sampling.py: 1.0, stochastic).")] = 1.0,
+    strength: Annotated[float, typer.Option(help="Default sampling strength recorded in the manifest (official: 1.0, from pure noise; < 1 starts from the noised MS-SPADE latent).")] = 1.0,
     raw_weights: Annotated[bool, typer.Option("--raw-weights", help="Use the raw UNet weights instead of EMA.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -27,7 +28,7 @@ def export(
 
     manifest = export_official(ldm, out, vqgan_ckpt=vqgan, config=config, ema=not raw_weights,
                                crop_size=parse_triple(crop, "--crop"), steps=steps, eta=eta,
-                               overwrite=overwrite, progress=say)
+                               strength=strength, overwrite=overwrite, progress=say)
     size = sum((out / f).stat().st_size for f in manifest.files) / 1e6
     typer.echo(f"exported {len(manifest.components)} components to {out} ({size:.1f} MB); "
                f"every graph passed the TensorRT-compatibility check")

@@ -24,6 +24,7 @@ def infer(
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: next to each source.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps. Default: the model's (manifest). More steps: slower, usually sharper; valid counts divide 1000.")] = None,
     eta: Annotated[Optional[float], typer.Option(help="DDIM eta. Default: the model's. 0 is deterministic given the seed's x_T; 1 is the official stochastic sampler.")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="Where sampling starts. Default: the model's. 1 is the official sampler (pure noise at the last step); below 1 it starts from the MS-SPADE translation noised to step round(strength x steps) and runs only those steps: faster, closer to the SPADE estimate.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed reproduces the same output. Default: a fresh seed, recorded in the sidecar.")] = None,
     backend: Annotated[str, typer.Option(help="auto (TensorRT > ONNX Runtime CUDA > CPU), ort-cpu, ort-cuda, trt, torch (needs the source checkpoint).")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ONNX Runtime. Default: all cores.")] = None,
@@ -54,7 +55,7 @@ def infer(
         fail("--batch needs --out DIR", 2)
     try:
         opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
-                       source_modality.lower(), naming, intensity, overwrite, preview)
+                       source_modality.lower(), naming, intensity, overwrite, preview, strength=strength)
         pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
                                  decode_batch=decode_batch)
         translator = Translator(pipeline, opts)

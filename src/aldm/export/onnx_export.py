@@ -132,7 +132,7 @@ def _quiet_logs():
 
 
 def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int, int] = (144, 192, 144),
-                 steps: int = 200, eta: float = 1.0, spacing=(1.0, 1.0, 1.0),
+                 steps: int = 200, eta: float = 1.0, strength: float = 1.0, spacing=(1.0, 1.0, 1.0),
                  source: dict | None = None, opset: int = OPSET, overwrite: bool = False,
                  progress: Callable[[str], None] | None = None) -> Manifest:
     """Export `model` into `out_dir` (created atomically); returns the manifest written."""
@@ -142,6 +142,8 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
     if out_dir.exists() and not overwrite:
         raise UsageError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     ddim_timesteps(steps, model.config.timesteps)  # refuse sampler defaults that cannot run
+    if not 0 < strength <= 1:
+        raise UsageError(f"strength must be in (0, 1], got {strength}")
     crop = tuple(int(s) for s in crop_size)
     specs = component_specs(model, crop)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +168,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
             schedule=ScheduleSpec(timesteps=model.config.timesteps, beta_schedule=model.config.beta_schedule,
                                   linear_start=model.config.linear_start, linear_end=model.config.linear_end,
                                   parameterization=model.config.parameterization),
-            sampler=SamplerDefaults("ddim", steps, float(eta)), config=model.config.to_dict(),
+            sampler=SamplerDefaults("ddim", steps, float(eta), float(strength)), config=model.config.to_dict(),
             source=source or {}, tools=_tool_versions(opset),
         )
         (tmp / MANIFEST).write_text(manifest.to_json())

@@ -81,6 +81,7 @@ class SamplerDefaults:
     name: str = "ddim"
     steps: int = 200
     eta: float = 1.0
+    strength: float = 1.0  # < 1: start from the SPADE latent noised to the step round(strength*steps)
 
 
 @dataclass(frozen=True)

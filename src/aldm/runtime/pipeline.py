@@ -26,6 +26,7 @@ class Translation:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     steps: int = 0
     eta: float = 0.0
+    strength: float = 1.0
 
 
 class Pipeline:
@@ -99,20 +100,30 @@ class Pipeline:
         return lambda x, t: self._run("unet", x_t=x, t=t, c_concat=c_concat, y=y)
 
     def sample(self, c_concat: np.ndarray, y: np.ndarray, noise: S.Noise, *, steps: int | None = None,
-               eta: float | None = None, sampler: str | None = None, official_rng: bool = True,
-               callback: S.Callback = None) -> np.ndarray:
-        """Draw x_T from `noise`, then run the sampler down to the clean latent (unscaled back)."""
+               eta: float | None = None, strength: float | None = None, sampler: str | None = None,
+               official_rng: bool = True, callback: S.Callback = None) -> np.ndarray:
+        """Draw x_T from `noise` (strength 1, the official sampler), or noise the target-like SPADE
+        latent to the step round(strength * steps) (strength < 1), then run the sampler down to
+        the clean latent (still scaled)."""
         defaults = self.manifest.sampler
         sampler = sampler or defaults.name
-        shape = (c_concat.shape[0], self.manifest.latent_shape[0]) + c_concat.shape[2:]
-        x_T = noise(shape)
+        strength = defaults.strength if strength is None else float(strength)
+        channels = self.manifest.latent_shape[0]
+        shape = (c_concat.shape[0], channels) + c_concat.shape[2:]
         eps_fn = self.denoiser(c_concat, y)
         if sampler == "ddim":
             sched = S.ddim_schedule(self._schedule["alphas_cumprod"], steps or defaults.steps,
                                     defaults.eta if eta is None else eta)
+            if strength < 1:
+                sched = S.ddim_truncate(sched, strength)
+                x_T = S.noised_start(c_concat[:, channels:], sched, noise)
+            else:
+                x_T = noise(shape)
             z0 = S.ddim_sample(eps_fn, x_T, sched, noise, official_rng=official_rng, callback=callback)
         elif sampler == "ddpm":
-            z0 = S.ddpm_sample(eps_fn, x_T, self._schedule, noise, callback=callback)
+            if strength < 1:
+                raise UsageError("strength < 1 needs the ddim sampler")
+            z0 = S.ddpm_sample(eps_fn, noise(shape), self._schedule, noise, callback=callback)
         else:
             raise UsageError(f"unknown sampler {sampler!r} (ddim or ddpm)")
         return z0
@@ -126,7 +137,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------ whole job
     def translate(self, x: np.ndarray, targets: Sequence[str | int], *, steps: int | None = None,
-                  eta: float | None = None, seed: int | None = None, noise: S.Noise | None = None,
+                  eta: float | None = None, strength: float | None = None, seed: int | None = None,
+                  noise: S.Noise | None = None,
                   sampler: str | None = None, official_rng: bool = True,
                   callback: S.Callback = None,
                   on_stage: Callable[[str], None] | None = None) -> Translation:
@@ -149,11 +161,13 @@ class Pipeline:
         n = z.shape[0]
         y = np.repeat(classes, n)  # (T*N,) target-major
         c = stage("spade", self.condition, np.concatenate([z] * len(classes)), y)
-        z0 = stage("sample", lambda: self.sample(c, y, noise, steps=steps, eta=eta, sampler=sampler,
+        z0 = stage("sample", lambda: self.sample(c, y, noise, steps=steps, eta=eta, strength=strength,
+                                                 sampler=sampler,
                                                  official_rng=official_rng, callback=callback))
         vol = stage("decode", self.decode, z0)
         d = self.manifest.sampler
         ran = self.manifest.schedule.timesteps if (sampler or d.name) == "ddpm" else steps or d.steps
         return Translation(
             volumes={name: vol[k * n : (k + 1) * n] for k, name in enumerate(names)},
-            timings=timings, steps=ran, eta=d.eta if eta is None else eta)
+            timings=timings, steps=ran, eta=d.eta if eta is None else eta,
+            strength=d.strength if strength is None else float(strength))

@@ -102,6 +102,24 @@ def ddim_step(x: np.ndarray, eps: np.ndarray, j: int, s: DDIMSchedule, z: np.nda
     return np.sqrt(a_prev) * x0_hat + direction + sigma * z  # 3. x_{t-1}
 
 
+def ddim_truncate(schedule: DDIMSchedule, strength: float) -> DDIMSchedule:
+    """The lowest round(strength * S) steps of a schedule (at least one), for sampling that starts
+    from a noised initial latent at τ_{k-1} instead of pure noise at τ_{S-1} (SDEdit, Meng et al.
+    2022; "strength" as in image-to-image pipelines). strength 1 is the whole schedule."""
+    if not 0 < strength <= 1:
+        raise UsageError(f"strength must be in (0, 1], got {strength}")
+    k = max(1, int(round(strength * len(schedule.timesteps))))
+    s = schedule
+    return DDIMSchedule(s.timesteps[:k], s.alphas[:k], s.alphas_prev[:k], s.sigmas[:k],
+                        s.sqrt_one_minus_alphas[:k], s.eta)
+
+
+def noised_start(init: np.ndarray, schedule: DDIMSchedule, noise: Noise) -> np.ndarray:
+    """x at the schedule's last (noisiest) step: sqrt(a) * init + sqrt(1 - a) * noise."""
+    a = f32(schedule.alphas[-1])
+    return (np.sqrt(a) * np.asarray(init, np.float32) + np.sqrt(f32(1) - a) * noise(init.shape)).astype(np.float32)
+
+
 def ddim_sample(denoise: Denoiser, x_T: np.ndarray, schedule: DDIMSchedule, noise: Noise, *,
                 official_rng: bool = True, callback: Callback = None) -> np.ndarray:
     """Run DDIM from x_T down to τ_0 (ending at ᾱ_0 = 0.9985, as the official sampler does).
