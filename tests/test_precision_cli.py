@@ -78,3 +78,20 @@ def test_int8_calibration_writes_a_qdq_variant(model, sources, tmp_path, tiny_mo
     res = run("check", model, "--precisions", "int8", "--backends", "ort-cpu",
               "--reference", tmp_path / "tiny.ckpt")
     assert "ort-cpu/int8" in res.output  # ran; a random-weight model is not held to the tolerances
+    # by default the encoder and MS-SPADE stay FP32 in the int8 variant (their errors become codes
+    # and the sampler's start); --keep-float '' quantizes everything, and switching back deletes
+    # the files the variant no longer uses, hashes included
+    assert md.component_file("encoder", "int8").name == "encoder.onnx"
+    assert md.component_file("spade", "int8").name == "spade.onnx"
+    assert md.component_file("decoder", "int8").name == "decoder.int8.onnx"
+    assert run("calibrate", model, "--calib", tmp_path, "--out", tmp_path / "rec", "--skip-record",
+               "--keep-float", "").exit_code == 0
+    assert ModelDir(model).component_file("encoder", "int8").name == "encoder.int8.onnx"
+    assert run("calibrate", model, "--calib", tmp_path, "--out", tmp_path / "rec", "--skip-record").exit_code == 0
+    md = ModelDir(model)
+    assert not (model / "encoder.int8.onnx").exists() and "encoder.int8.onnx" not in md.manifest.files
+    assert "encoder.onnx" in md.manifest.files and (model / "encoder.onnx").exists()
+    # recordings kept outside the model folder feed the component check through --calib
+    res = run("check", model, "--precisions", "fp32", "--backends", "ort-cpu", "--inputs", "recorded",
+              "--calib", tmp_path / "rec", "--reference", tmp_path / "tiny.ckpt")
+    assert "inputs: recorded" in res.output and res.exit_code == 0, res.output

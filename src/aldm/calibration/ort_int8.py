@@ -70,10 +70,21 @@ def quantize_component(src: Path, dst: Path, samples: list[dict[str, np.ndarray]
 
 
 def add_int8_variant(model_dir: str | Path, calib: str | Path, *, max_samples: int = 64,
-                     say: Callable[[str], None] = print) -> dict[str, str]:
+                     keep_float: tuple[str, ...] = (), say: Callable[[str], None] = print) -> dict[str, str]:
+    """Quantize every component but those in `keep_float`, which the int8 variant runs from their
+    FP32 graphs (e.g. the encoder, whose vector quantizer turns small errors into other codes)."""
     md = ModelDir(model_dir)
+    unknown = set(keep_float) - set(COMPONENTS)
+    if unknown:
+        from aldm.errors import UsageError
+
+        raise UsageError(f"unknown component(s) {', '.join(sorted(unknown))}; choose from {', '.join(COMPONENTS)}")
     files = {}
     for c in COMPONENTS:
+        if c in keep_float:
+            files[c] = md.component(c).file
+            say(f"{c}: kept in FP32")
+            continue
         samples = load_samples(calib, c)
         if not samples:
             from aldm.errors import UsageError

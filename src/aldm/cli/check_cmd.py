@@ -22,6 +22,7 @@ def check(
     batch: Annotated[int, typer.Option(help="Batch size of the inputs (rows get different classes).")] = 2,
     inputs: Annotated[str, typer.Option(help="auto: real inputs recorded by `aldm calibrate` (held out from calibration) when the folder has them, else seeded random ones; or random / recorded.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the inputs.")] = 0,
+    calib: Annotated[Optional[Path], typer.Option(help="Folder of inputs recorded by `aldm calibrate --out`. Default: MODEL_DIR/calibration.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
     """One line per component, backend and precision: errors vs PyTorch FP32 against stated
@@ -34,7 +35,7 @@ def check(
     precs = split_list(precisions) or md.precisions
     report = check_model(md, reference_model(md, str(reference) if reference else None),
                          backends=split_list(backends) or None, precisions=precs, batch=batch, seed=seed,
-                         inputs=inputs)
+                         inputs=inputs, calib=calib)
     e2e_results = []
     for p in precs:
         if p != "fp32" and e2e:

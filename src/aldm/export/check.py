@@ -3,6 +3,7 @@ on seeded inputs; with TensorRT present, also polygraphy's ONNX Runtime vs Tenso
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -63,10 +64,12 @@ def available_backends() -> list[str]:
 
 
 def check_feeds(model_dir: ModelDir, batch: int, seed: int, n_classes: int,
-                inputs: str = "auto") -> tuple[dict[str, dict[str, np.ndarray]], str]:
-    """Inputs for every component: recorded real ones (held out from INT8 calibration) when the
-    model folder has recordings and `inputs` is auto/recorded, else seeded random ones."""
-    calib = model_dir.path / "calibration"
+                inputs: str = "auto", calib: str | Path | None = None,
+                ) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+    """Inputs for every component: recorded real ones (held out from INT8 calibration) when `calib`
+    (default: the model folder's calibration/) has recordings and `inputs` is auto/recorded, else
+    seeded random ones."""
+    calib = Path(calib) if calib is not None else model_dir.path / "calibration"
     if inputs in ("auto", "recorded") and any(calib.glob("unet_*.npz")):
         from aldm.calibration.ort_int8 import held_out_feeds
 
@@ -81,11 +84,11 @@ def check_feeds(model_dir: ModelDir, batch: int, seed: int, n_classes: int,
 
 def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str] | None = None,
                 precisions: Sequence[str] = ("fp32",), batch: int = 2, seed: int = 0,
-                inputs: str = "auto",
+                inputs: str = "auto", calib: str | Path | None = None,
                 tolerances: Mapping[str, Mapping[str, Tolerance]] = TOLERANCES) -> Report:
     report = Report()
     n_classes = reference.config.first_stage_config.num_classes
-    feeds, report.inputs = check_feeds(model_dir, batch, seed, n_classes, inputs)
+    feeds, report.inputs = check_feeds(model_dir, batch, seed, n_classes, inputs, calib)
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
     for precision in precisions:
         for backend in backends or available_backends():

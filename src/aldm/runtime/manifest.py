@@ -206,12 +206,18 @@ class ModelDir:
     def add_variant(self, precision: str, files: dict[str, str]) -> None:
         """Register files written into the folder as a precision variant; rewrite the manifest."""
         m = self.manifest
-        hashes = dict(m.files) | {f: sha256_file(self.file(f)) for f in files.values()}
         variants = dict(m.variants) | {precision: dict(files)}
+        used = {c.file for c in m.components.values()} | {m.schedule.file}
+        used |= {f for v in variants.values() for f in v.values()}
+        stale = [f for f in m.variants.get(precision, {}).values() if f not in used]
+        hashes = {f: h for f, h in m.files.items() if f not in stale}
+        hashes |= {f: sha256_file(self.file(f)) for f in files.values()}
         self.manifest = dataclasses.replace(m, files=hashes, variants=variants)
         tmp = self.file(MANIFEST + ".partial")
         tmp.write_text(self.manifest.to_json())
         tmp.replace(self.file(MANIFEST))
+        for f in stale:  # a replaced variant's files no longer belong to the model
+            self.file(f).unlink(missing_ok=True)
 
     def schedule(self) -> dict[str, np.ndarray]:
         """The twelve float32 schedule buffers."""
