@@ -200,6 +200,7 @@ def invert(y: np.ndarray, record: list[dict[str, Any]], *, intensity: str = "uni
     "model" leaves the model's values.
     """
     v = np.asarray(y, np.float32)
+    unit = False  # [0, 1] is promised; the least-squares inverse of a resampling may overshoot it
     for step in reversed(record):
         op = step["op"]
         if op == "scale_intensity":
@@ -210,6 +211,7 @@ def invert(y: np.ndarray, record: list[dict[str, Any]], *, intensity: str = "uni
                 v = u * (step["p_hi"] - step["p_lo"]) + step["p_lo"]
             elif intensity != "model":
                 raise ValueError(f"intensity must be unit, source or model, not {intensity!r}")
+            unit = intensity == "unit"
         elif op == "center_crop":
             full = np.zeros(step["shape"], np.float32)
             full[tuple(slice(s, s + n) for s, n in zip(step["start"], v.shape))] = v
@@ -226,4 +228,6 @@ def invert(y: np.ndarray, record: list[dict[str, Any]], *, intensity: str = "uni
             v = _apply_ornt(v, _inverse_ornt(np.asarray(step["ornt"])))
         else:
             raise ValueError(f"unknown preprocessing step {op!r}")
+    if unit:
+        v = np.clip(v, 0, 1)
     return v.astype(np.float32)
