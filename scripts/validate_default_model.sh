@@ -3,12 +3,12 @@
 # held-out cases (with the identity and linear-fit baselines), the IXI example end to end, and
 # its T2 against the real IXI T2 resampled onto the T1 grid.
 #
-#   scripts/validate_default_model.sh RUN_DIR MODEL_OUT [DATA_DIR] [STEPS] [ETA]
+#   scripts/validate_default_model.sh RUN_DIR MODEL_OUT [DATA_DIR] [STEPS] [ETA] [STRENGTH]
 set -euo pipefail
-RUN=$1; MODEL=$2; DATA=${3:-../shared/data/brats18}; STEPS=${4:-25}; ETA=${5:-0}
+RUN=$1; MODEL=$2; DATA=${3:-../shared/data/brats18}; STEPS=${4:-25}; ETA=${5:-0}; STRENGTH=${6:-1}
 OUT=$RUN/validation
 mkdir -p "$OUT"
-aldm export --ldm "$RUN/stage3/last.ckpt" --out "$MODEL" --steps "$STEPS" --eta "$ETA" --overwrite
+aldm export --ldm "$RUN/stage3/last.ckpt" --out "$MODEL" --steps "$STEPS" --eta "$ETA" --strength "$STRENGTH" --overwrite
 VAL=$(python -c "import json,sys; print(' '.join(json.load(open('$RUN/split.json'))['validation']))")
 rm -rf "$OUT/pred"
 for case in $VAL; do
