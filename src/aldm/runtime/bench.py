@@ -55,13 +55,15 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
         pipe = Pipeline(model_dir, runners)
         x = sample_feeds(model_dir.component("encoder"), 1, 99)["x"]
         n_steps = steps or m.sampler.steps
+        calls = max(1, int(round(m.sampler.strength * n_steps))) if m.sampler.name == "ddim" else n_steps
         for n in e2e_targets:
             targets = [mod for mod in m.modalities if mod != "t1"][:n]
-            say(f"{backend}: end to end, {n} target(s), {n_steps} steps")
+            say(f"{backend}: end to end, {n} target(s), {calls} UNet calls")
             t0 = time.perf_counter()
             tr = pipe.translate(x, targets, steps=n_steps, seed=0)
             out["end_to_end"][f"{n}_targets"] = {"seconds_per_volume": time.perf_counter() - t0,
-                                                 "steps": n_steps, "stages_s": tr.timings}
+                                                 "steps": n_steps, "unet_calls": calls,
+                                                 "strength": m.sampler.strength, "stages_s": tr.timings}
     for r in runners.values():
         r.deactivate()
     out["peak_rss_mb"] = peak_rss_mb()
@@ -111,7 +113,7 @@ def format_report(r: dict) -> str:
     for k, v in r["end_to_end"].items():
         stages = ", ".join(f"{s} {t:.2f}s" for s, t in v["stages_s"].items())
         lines.append(f"  end to end, {k.replace('_', ' ').replace('1 targets', '1 target')}: {v['seconds_per_volume']:.2f} s/volume "
-                     f"({v['steps']} steps; {stages})")
+                     f"({v['steps']} steps, {v.get('unet_calls', v['steps'])} UNet calls; {stages})")
     lines.append(f"  peak RSS {r['peak_rss_mb']:.0f} MB" + (
         f" (after torch eager: {r['torch_eager']['peak_rss_mb']:.0f} MB)" if r.get("torch_eager") else ""))
     return "\n".join(lines)
