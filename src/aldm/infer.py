@@ -25,6 +25,7 @@ from aldm.nifti import Volume, load_volume, save_like, stem
 from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
 from aldm.runtime.manifest import MANIFEST, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
+from aldm.runtime.sampler import check_strength
 
 BRASYN = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 _MODALITY_SUFFIX = re.compile(r"[-_.](t1|t1ce|t2|flair|t1n|t1c|t2w|t2f)$", re.IGNORECASE)
@@ -78,8 +79,8 @@ class Translator:
             raise UsageError(f"--naming must be stem or brasyn, not {options.naming!r}")
         if options.intensity not in ("unit", "source"):
             raise UsageError(f"--intensity must be unit or source, not {options.intensity!r}")
-        if options.strength is not None and not 0 < options.strength <= 1:
-            raise UsageError(f"--strength must be in (0, 1], not {options.strength}")
+        if options.strength is not None:
+            check_strength(options.strength, "--strength")
         pipeline.classes(options.targets)  # validates the names
         self.pipeline, self.options = pipeline, options
         self.manifest_sha256 = sha256_file(pipeline.model.file(MANIFEST))

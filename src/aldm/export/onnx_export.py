@@ -136,14 +136,13 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                  source: dict | None = None, opset: int = OPSET, overwrite: bool = False,
                  progress: Callable[[str], None] | None = None) -> Manifest:
     """Export `model` into `out_dir` (created atomically); returns the manifest written."""
-    from aldm.runtime.sampler import ddim_timesteps
+    from aldm.runtime.sampler import check_strength, ddim_timesteps
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UsageError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     ddim_timesteps(steps, model.config.timesteps)  # refuse sampler defaults that cannot run
-    if not 0 < strength <= 1:
-        raise UsageError(f"strength must be in (0, 1], got {strength}")
+    check_strength(strength)
     crop = tuple(int(s) for s in crop_size)
     specs = component_specs(model, crop)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from aldm.runtime.backends import make_runners
+from aldm.runtime import sampler as S
 from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
 
 
@@ -55,7 +56,7 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
         pipe = Pipeline(model_dir, runners)
         x = sample_feeds(model_dir.component("encoder"), 1, 99)["x"]
         n_steps = steps or m.sampler.steps
-        calls = max(1, int(round(m.sampler.strength * n_steps))) if m.sampler.name == "ddim" else n_steps
+        calls = S.strength_steps(n_steps, m.sampler.strength) if m.sampler.name == "ddim" else n_steps
         for n in e2e_targets:
             targets = [mod for mod in m.modalities if mod != "t1"][:n]
             say(f"{backend}: end to end, {n} target(s), {calls} UNet calls")

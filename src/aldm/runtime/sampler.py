@@ -102,13 +102,23 @@ def ddim_step(x: np.ndarray, eps: np.ndarray, j: int, s: DDIMSchedule, z: np.nda
     return np.sqrt(a_prev) * x0_hat + direction + sigma * z  # 3. x_{t-1}
 
 
+def check_strength(strength: float, name: str = "strength") -> float:
+    """`strength` if it is in (0, 1], else a UsageError naming it as `name`."""
+    if not 0 < strength <= 1:
+        raise UsageError(f"{name} must be in (0, 1], got {strength}")
+    return strength
+
+
+def strength_steps(steps: int, strength: float) -> int:
+    """How many of a `steps`-step schedule's steps run at `strength` (at least one)."""
+    return max(1, int(round(check_strength(strength) * steps)))
+
+
 def ddim_truncate(schedule: DDIMSchedule, strength: float) -> DDIMSchedule:
     """The lowest round(strength * S) steps of a schedule (at least one), for sampling that starts
     from a noised initial latent at τ_{k-1} instead of pure noise at τ_{S-1} (SDEdit, Meng et al.
     2022; "strength" as in image-to-image pipelines). strength 1 is the whole schedule."""
-    if not 0 < strength <= 1:
-        raise UsageError(f"strength must be in (0, 1], got {strength}")
-    k = max(1, int(round(strength * len(schedule.timesteps))))
+    k = strength_steps(len(schedule.timesteps), strength)
     s = schedule
     return DDIMSchedule(s.timesteps[:k], s.alphas[:k], s.alphas_prev[:k], s.sigmas[:k],
                         s.sqrt_one_minus_alphas[:k], s.eta)
