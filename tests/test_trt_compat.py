@@ -66,4 +66,4 @@ def test_every_exported_graph_passes(tiny_export):
         ops = {n.op_type for n in onnx.load(str(tiny_export / f)).graph.node}
         assert not ops & {"Loop", "If", "Scan", "Einsum"}
     unet_ops = {n.op_type for n in onnx.load(str(tiny_export / "unet.onnx")).graph.node}
-    assert "GroupNormalization" in unet_ops  # opset 21: native GroupNormalization
+    assert "ReduceMean" in unet_ops and "GroupNormalization" not in unet_ops  # staged (stable_norm)

@@ -12,6 +12,7 @@ import pytest
 
 from aldm.errors import BackendError
 from aldm.export.precision import fp32_nodes, node_scope, to_fp16
+from aldm.export.stable_norm import MARK as NORM_MARK
 from aldm.export.trt_compat import check_file
 from aldm.runtime import trt
 from aldm.runtime.backends import FallbackRunner, auto_order
@@ -121,13 +122,15 @@ def test_precision_plan_keeps_norms_quantizer_and_time_embedding_in_fp32(tiny_ex
     keep = fp32_nodes(enc)
     by_name = {n.name: n for n in enc.graph.node}
     ops_kept = {by_name[k].op_type for k in keep}
-    assert {"GroupNormalization", "ArgMin", "MatMul", "Gather"} <= ops_kept
+    assert {"ReduceMean", "Sqrt", "ArgMin", "MatMul", "Gather"} <= ops_kept  # staged norms, quantizer
     assert all("quantize" in node_scope(n) for n in enc.graph.node if n.op_type == "ArgMin")
     assert not any(by_name[k].op_type == "Conv" for k in keep)
     unet = onnx.load(str(tiny_export / "unet.onnx"))
     keep = fp32_nodes(unet)
     kept_ops = [n.op_type for n in unet.graph.node if n.name in keep]
-    assert {"GroupNormalization", "Softmax", "Cos", "Sin", "Gemm"} <= set(kept_ops)
+    assert {"ReduceMean", "Sqrt", "Softmax", "Cos", "Sin", "Gemm"} <= set(kept_ops)
+    marked = [n.name for n in unet.graph.node if any(p.key == NORM_MARK for p in n.metadata_props)]
+    assert marked and set(marked) <= keep  # every node of a rewritten normalisation stays FP32
     cos = next(n for n in unet.graph.node if n.op_type == "Cos")
     producer = next(n for n in unet.graph.node if cos.input[0] in n.output)
     assert producer.name in keep  # t * freqs is computed in FP32 too

@@ -2,8 +2,9 @@
 
 Graphs: encoder (x -> z_q, quantizer inside, fp32 argmin), spade (z, y -> z_tgt; y is an int64
 input and rows may differ), unet (x_t, t, c_concat, y -> eps), decoder (z -> x). The batch axis
-is dynamic everywhere; spatial dims are fixed by the crop. Opset 21 gives native
-GroupNormalization. Every graph must pass the TensorRT-compatibility checker.
+is dynamic everywhere; spatial dims are fixed by the crop. Group/instance normalisations are
+written as staged reductions (aldm.export.stable_norm: ONNX Runtime's own kernels lose ~1e-3 on
+full-resolution groups). Every graph must pass the TensorRT-compatibility checker.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ def _export_one(model: ALDM, spec: ComponentSpec, path: Path, opset: int) -> Non
             dynamic_shapes={t.name: {0: batch} for t in spec.inputs}, optimize=True, verbose=False,
             external_data=False,
         )
+    import onnx
+
+    from aldm.export.stable_norm import stabilise_norms
+
+    proto = onnx.load(str(path))
+    if stabilise_norms(proto):  # ORT's own norm kernels lose ~1e-3 on full-resolution groups
+        onnx.save(proto, str(path))
 
 
 @contextlib.contextmanager

@@ -7,13 +7,16 @@ strongly-typed builds) and TensorRT's per-layer precision constraints. Kept in F
 - the vector quantizer (distance and argmin: FP16 picks different codes, SPEC §2.7);
 - the timestep embedding (t·freq reaches ~1000, where FP16's step is 0.5: cos/sin would be
   noise) and the time/class embedding MLPs.
-Nodes are found by op type and by the module scope the exporter records in node metadata.
+Nodes are found by op type, by the module scope the exporter records in node metadata, and by
+the mark aldm.export.stable_norm puts on the nodes of a rewritten normalisation.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+from aldm.export.stable_norm import MARK as NORM_MARK
 
 FP32_OPS = frozenset({"GroupNormalization", "InstanceNormalization", "LayerNormalization", "Softmax",
                       "ArgMin", "ArgMax", "TopK", "Cos", "Sin"})
@@ -37,7 +40,8 @@ def fp32_nodes(model) -> set[str]:
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         scope = node_scope(node)
-        if node.op_type in FP32_OPS or any(f".{s}" in f".{scope}" for s in FP32_SCOPES):
+        if (node.op_type in FP32_OPS or any(f".{s}" in f".{scope}" for s in FP32_SCOPES)
+                or any(p.key == NORM_MARK for p in node.metadata_props)):
             keep.add(node.name)
         if node.op_type in ("Cos", "Sin"):  # t -> float -> t * freqs feeds them: keep that chain
             for inp in node.input:
