@@ -49,6 +49,7 @@ def check(
             "passed": passed, "inputs": report.inputs, "skipped": report.skipped,
             "results": [{"component": r.component, "backend": r.backend, "max_abs": r.max_abs,
                          "max_rel": r.max_rel, "rtol": r.tolerance.rtol, "code_agreement": r.code_agreement,
+                         "code_ties": r.ties,
                          "passed": bool(r)} for r in report.results],
             "end_to_end": [r.__dict__ | {"passed": bool(r)} for r in e2e_results]}, indent=1))
     if not passed:

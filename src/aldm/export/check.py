@@ -12,7 +12,7 @@ import torch
 from aldm.errors import BackendError, ModelError
 from aldm.models import ALDM, LDMConfig, load_official
 from aldm.runtime.backends import single_backend
-from aldm.runtime.compare import TOLERANCES, Report, Result, Tolerance, compare
+from aldm.runtime.compare import TOLERANCES, Report, Result, Tolerance, code_gaps, compare
 from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
 
 
@@ -31,13 +31,19 @@ class TorchRunner:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         f = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
         m = self.model
-        calls = {"encoder": lambda: {"z_q": m.encode(f["x"])},
+        calls = {"encoder": lambda: self._encode(f["x"]),
                  "spade": lambda: {"z_tgt": m.spade(f["z"], f["y"])},
                  "unet": lambda: {"eps": m.unet(f["x_t"], f["t"], f["c_concat"], f["y"])},
                  "decoder": lambda: {"x_rec": m.decode(f["z"])}}
         with torch.inference_mode(), torch.autocast(self.device.type, torch.float16, enabled=self.autocast):
             out = calls[self.component]()
         return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+    def _encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z_q, and the pre-quantization latent h (the near-tie test of `compare` needs it)."""
+        vq = self.model.first_stage_model
+        h = vq.quant_conv(vq.encoder(x))
+        return {"z_q": vq.quantize(h)[0], "h": h}
 
     def deactivate(self) -> None:
         pass
@@ -90,6 +96,8 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
     n_classes = reference.config.first_stage_config.num_classes
     feeds, report.inputs = check_feeds(model_dir, batch, seed, n_classes, inputs, calib)
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
+    codebook = reference.first_stage_model.quantize.embedding.weight.detach().numpy()
+    gaps = {"encoder": code_gaps(expected["encoder"]["h"], codebook)}
     for precision in precisions:
         for backend in backends or available_backends():
             try:
@@ -105,7 +113,7 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
                     report.skipped.append(f"{c} on {backend}/{precision}: {exc}")
                     continue
                 report.results.append(compare(c, f"{backend}/{precision}", got, expected[c][out],
-                                              tolerances[precision][c]))
+                                              tolerances[precision][c], gaps.get(c)))
                 if backend == "trt":
                     report.results.extend(polygraphy_compare(model_dir, c, precision, feeds[c],
                                                              tolerances[precision][c]))

@@ -17,14 +17,21 @@ from aldm.runtime.manifest import COMPONENTS
 class Tolerance:
     rtol: float  # max |got - ref| / max |ref| (on the encoder: over positions with the same code)
     min_code_agreement: float | None = None  # encoder: share of latent positions with the same code
+    # Encoder: a different code counts as agreeing where the reference's two nearest codes are
+    # closer than this (distance gap / |h|^2): a tie at the precision's rounding, which two
+    # correct implementations may break either way.
+    tie_gap: float = 0.0
 
 
-def _uniform(rtol: float, codes: float | None) -> dict[str, Tolerance]:
-    return {c: Tolerance(rtol, codes if c == "encoder" else None) for c in COMPONENTS}
+def _uniform(rtol: float, codes: float | None, tie_gap: float = 0.0) -> dict[str, Tolerance]:
+    return {c: Tolerance(rtol, codes if c == "encoder" else None, tie_gap) for c in COMPONENTS}
 
 
 TOLERANCES = {
-    "fp32": _uniform(1e-4, 1.0),
+    # Trained codebooks have exact float32 ties: on the default model 0.01 % of positions have a
+    # top-2 gap under 1.5e-7, and ONNX Runtime breaks 4 of 124,416 of them the other way (gaps
+    # 9e-10..2.1e-7); PyTorch FP32 vs FP64 agree on the rest. 1e-6 = ~16 float32 roundoffs.
+    "fp32": _uniform(1e-4, 1.0, tie_gap=1e-6),
     # FP16 activations carry ~3 significant digits; the encoder may flip near-tie codes.
     "fp16": _uniform(3e-2, 0.98),
     # INT8 per-tensor activations: a few percent per layer, compounding through a UNet.
@@ -42,6 +49,7 @@ class Result:
     tolerance: Tolerance
     code_agreement: float | None = None
     note: str = ""
+    ties: int = 0  # encoder: positions whose code differs at a reference tie (counted as agreeing)
 
     def __bool__(self) -> bool:
         ok = self.max_rel <= self.tolerance.rtol
@@ -51,6 +59,7 @@ class Result:
 
     def __str__(self) -> str:
         codes = f" codes={100 * self.code_agreement:.2f}%" if self.code_agreement is not None else ""
+        codes += f" ({self.ties} ties)" if self.ties else ""
         note = f"  ({self.note})" if self.note else ""
         return (f"{'PASS' if self else 'FAIL'}  {self.component:<8} {self.backend:<16} "
                 f"max_abs={self.max_abs:.3e} max_rel={self.max_rel:.3e} rtol={self.tolerance.rtol:.0e}"
@@ -71,16 +80,34 @@ class Report:
         return "\n".join(head + [str(r) for r in self.results] + [f"SKIP  {s}" for s in self.skipped])
 
 
-def compare(component: str, backend: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Result:
+def code_gaps(h: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """(B, h, w, d): gap between the squared distances to the two nearest codes of each position
+    of the pre-quantization latent h (B, C, h, w, d), relative to |h|^2 (float64)."""
+    e = codebook.astype(np.float64)
+    out = []
+    for row in h:  # one batch row at a time: the distance table is positions x codes in float64
+        v = np.moveaxis(row.astype(np.float64), 0, -1)
+        d = (v * v).sum(-1, keepdims=True) - 2 * v @ e.T + (e * e).sum(-1)
+        top2 = np.partition(d, 1, axis=-1)[..., :2]
+        out.append((top2[..., 1] - top2[..., 0]) / np.maximum((v * v).sum(-1), 1e-30))
+    return np.stack(out)
+
+
+def compare(component: str, backend: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance,
+            gaps: np.ndarray | None = None) -> Result:
+    """`gaps` (encoder only, from code_gaps of the reference): where they are below tol.tie_gap,
+    a different code is a broken tie and counts as agreeing."""
     got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
     scale = max(float(np.abs(ref64).max()), 1e-30)
     agreement = None
     if component == "encoder":  # (B, C, h, w, d): a position's code is its C-vector
         same = np.abs(got64 - ref64).max(axis=1) <= 1e-6 * scale
-        agreement = float(same.mean())
+        tie = ~same & (gaps <= tol.tie_gap) if gaps is not None else np.zeros_like(same)
+        agreement = float((same | tie).mean())
         diff = np.abs(got64 - ref64).max(axis=1)[same] if same.any() else np.zeros(1)
         max_abs_all = float(np.abs(got64 - ref64).max())
-        return Result(component, backend, max_abs_all, float(diff.max()) / scale, tol, agreement)
+        return Result(component, backend, max_abs_all, float(diff.max()) / scale, tol, agreement,
+                      ties=int(tie.sum()))
     diff = np.abs(got64 - ref64)
     return Result(component, backend, float(diff.max()), float(diff.max()) / scale, tol)
 
