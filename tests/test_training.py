@@ -90,3 +90,12 @@ def test_a_resumed_stage_drops_log_rows_the_checkpoint_does_not_hold(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["step"]) for r in rows] == [0, 10, 20, 30, 40, 50]
     assert [float(r["loss"]) for r in rows[4:]] == [0.5, 0.5]
+
+
+def test_lr_is_constant_then_decays_by_cosine_to_a_tenth():
+    b = Budget(100, 1, 1e-3, 4, decay_from=60)
+    assert b.lr_at(0) == b.lr_at(60) == 1e-3
+    assert b.lr_at(80) == pytest.approx(0.55e-3)
+    assert b.lr_at(100) == b.lr_at(500) == pytest.approx(1e-4)
+    assert all(b.lr_at(s) >= b.lr_at(s + 1) for s in range(100))
+    assert Budget(100, 1, 1e-3, 4).lr_at(99) == 1e-3  # no decay_from: constant
