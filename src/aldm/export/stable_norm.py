@@ -9,12 +9,13 @@ pairwise and is exact to ~1e-7. This rewrite replaces each such node with the sa
 its means taken one axis at a time (innermost first, so no single sum exceeds ~200 terms) and
 its variance from centred values:
 
-    r = reshape(x, [B, G, C/G, *spatial]);  mu = mean_W(mean_H(mean_D(mean_C/G(r))))
+    r = reshape(x, [B, G, C/G, *spatial]);  mu = mean_C/G(mean_D(mean_H(mean_W(r))))
     d = r - mu;  var = (staged mean of d*d);  y = reshape(d / sqrt(var + eps)) * scale + bias
 
-Measured on the same layers: 1e-7 relative, at the same or lower cost. The nodes carry the
-metadata key `aldm.normalisation` (the original op type); the precision plan keeps them FP32
-like the op they replace. TensorRT parses the pattern with standard layers.
+Measured on the same layers: 1e-7 relative; the whole decoder runs as fast as before (12.9 s
+on 2 cores). The nodes carry the metadata key `aldm.normalisation` (the original op type); the
+precision plan keeps them FP32 like the op they replace. TensorRT parses the pattern with
+standard layers.
 """
 
 from __future__ import annotations
