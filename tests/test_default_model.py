@@ -17,7 +17,7 @@ from aldm.runtime.manifest import MANIFEST, ModelDir, sha256_file
 from conftest import DATA, REPO, need
 
 EXAMPLE = REPO / "examples" / "IXI002-Guys-0828-T1.nii.gz"
-MARGIN_DB = 3.0  # the default settings measured +7.1 dB (docs/model-card.md)
+MARGIN_DB = 3.0  # the default settings measured +7.4 dB (docs/model-card.md)
 
 
 def test_bundled_model_is_complete_and_within_budget():
@@ -25,7 +25,7 @@ def test_bundled_model_is_complete_and_within_budget():
     files = [p for p in md.path.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 60 * 2**20
     assert max(p.stat().st_size for p in files) <= 20 * 2**20
-    assert set(md.precisions) == {"fp32", "fp16", "int8"}
+    assert set(md.precisions) == {"fp32", "fp16"}  # no INT8: it fails its end-to-end bar (model card)
     m = md.manifest
     assert list(m.modalities) == ["t1", "t1ce", "t2", "flair"]
     assert m.scale_factor != 1.0  # set from the latent std, not the official recipe's 1.0
