@@ -99,33 +99,3 @@ def test_lr_is_constant_then_decays_by_cosine_to_a_tenth():
     assert b.lr_at(100) == b.lr_at(500) == pytest.approx(1e-4)
     assert all(b.lr_at(s) >= b.lr_at(s + 1) for s in range(100))
     assert Budget(100, 1, 1e-3, 4).lr_at(99) == 1e-3  # no decay_from: constant
-
-
-def test_whole_case_augmentation_keeps_modalities_registered_and_background():
-    from aldm.training.data import augment_volume
-
-    base = torch.full((20, 24, 16), -1.0)
-    base[6:14, 8:16, 4:12] = torch.linspace(-0.8, 0.8, 8)[:, None, None]  # a ramp: flips and rotations show
-    vols = torch.stack([base, base, base, base])  # four identical "modalities"
-    out = augment_volume(vols, np.random.default_rng(3), max_log_gamma=0.0)
-    assert out.shape == vols.shape
-    for ch in out[1:]:
-        assert torch.equal(ch, out[0])  # one spatial transform for every channel
-    assert not torch.allclose(out[0], base, atol=1e-3)  # it did move
-    assert torch.isclose(out[0, 0, 0, 0], torch.tensor(-1.0))  # corners stay background
-    # gamma acts per channel, keeps background at -1 and the [-1, 1] range
-    jit = augment_volume(vols, np.random.default_rng(3), max_log_gamma=0.3)
-    assert not torch.allclose(jit[0], jit[1]) and jit.min() >= -1 - 1e-6 and jit.max() <= 1 + 1e-6
-    # same seed, same case
-    assert torch.equal(augment_volume(vols, np.random.default_rng(3)), augment_volume(vols, np.random.default_rng(3)))
-
-
-def test_latent_copies_add_augmented_volumes_to_the_stage_2_latents(data, tmp_path):
-    run = tmp_path / "run"
-    kw = dict(config=LDMConfig.tiny(), preprocessing=PRE, quiet=True, warmup=2, say=lambda s: None)
-    run_training(data, run, budgets=budgets(2, 1, 1), stages=(1, 2), latent_copies=2, **kw)
-    lat = torch.load(run / "latents_aug2.pt")
-    n_train = len(json.loads((run / "split.json").read_text())["train"])
-    assert lat.shape[:2] == (n_train * 4, 4)  # per case: as is, flipped, 2 augmented
-    assert not (run / "latents.pt").exists()  # a run with copies never reuses plain latents
-    assert not torch.allclose(lat[2], lat[0]) and not torch.allclose(lat[2], lat[3])

@@ -20,7 +20,6 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of weights, patches and noise.")] = 0,
     val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated held-out cases. Default: every fifth of the sorted cases from the second on.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads. Default: all cores.")] = None,
-    latent_copies: Annotated[int, typer.Option(min=0, help="Randomly augmented copies (rotation, scale, shift, flip, gamma) of each training case encoded for stages 2-3, besides the case and its mirror image. More copies: more varied MS-SPADE/UNet inputs, ~3 s of encoding and 8 MB of latents per copy and case.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train stages 1-3; each writes <run>/stageN/last.ckpt (official Lightning layout) and log.csv."""
@@ -28,7 +27,6 @@ def train(
 
     status = run_training(data, run, stages=tuple(int(s) for s in split_list(stages)),
                           max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, seed=seed,
-                          val_cases=split_list(val_cases) or None, threads=threads, quiet=quiet,
-                          latent_copies=latent_copies, say=say)
+                          val_cases=split_list(val_cases) or None, threads=threads, quiet=quiet, say=say)
     for stage, done in status.items():
         say(f"stage {stage}: {'complete' if done else 'paused (time budget); rerun to resume'}")

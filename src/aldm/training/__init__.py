@@ -29,7 +29,7 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
                  val_cases: list[str] | None = None, budgets: dict[int, Budget] = BUDGETS,
                  threads: int | None = None, quiet: bool = False, config: LDMConfig = SMALL,
                  preprocessing: Preprocessing | None = None, warmup: int = 300,
-                 latent_copies: int = 0, say: Callable[[str], None] = print) -> dict:
+                 say: Callable[[str], None] = print) -> dict:
     """Run (or resume) the stages in order until done or `max_minutes` of wall time are used."""
     if threads:
         torch.set_num_threads(threads)
@@ -54,13 +54,13 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         if not status[1]:
             return status
     vq = VQModel(cfg.first_stage_config)
-    latents_file = run / ("latents.pt" if not latent_copies else f"latents_aug{latent_copies}.pt")
+    latents_file = run / "latents.pt"
     if 2 in stages or 3 in stages:
         vq.load_state_dict(load_stage(stage_path(run, 1))["state_dict"])
         if not latents_file.exists():
             from aldm.training.stages import encode_cases
 
-            torch.save(encode_cases(vq, cache, say, copies=latent_copies, seed=seed), latents_file)
+            torch.save(encode_cases(vq, cache, say), latents_file)
         latents = torch.load(latents_file)
     if 2 in stages and not _done(run, 2, budgets):
         status[2] = train_stage2(run, latents, cfg, vq, budget=budgets[2], max_minutes=left(), **kw)

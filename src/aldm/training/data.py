@@ -103,49 +103,23 @@ def random_rotation(rng: np.random.Generator, max_deg: float, max_scale: float) 
     return torch.tensor(rx @ ry @ rz * s, dtype=torch.float32)
 
 
-def _resample(c: torch.Tensor, pts: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Trilinear samples of `c` (C, H, W, D) at voxel coordinates `pts` (N, 3), reshaped to
-    (C, *shape); outside the volume is background (-1)."""
-    size = torch.tensor(c.shape[1:], dtype=torch.float32)
-    norm = pts / (size - 1) * 2 - 1  # grid_sample wants (x=k, y=j, z=i) in [-1, 1]
-    g = norm[:, [2, 1, 0]].reshape(1, *shape, 3)
-    return F.grid_sample(c[None] + 1, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0] - 1
-
-
-def _offsets(shape: tuple[int, ...]) -> torch.Tensor:
-    """Voxel offsets (N, 3) of a grid of `shape` from its centre."""
-    axes = [torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-
-
 def sample_patch(vols: torch.Tensor, size: int, rng: np.random.Generator, *, channels=None,
                  max_deg: float = 8.0, max_scale: float = 0.06, flip: bool = True) -> torch.Tensor:
     """A size^3 patch (C, s, s, s) of `vols` (C, H, W, D) at a random foreground-biased centre,
     under a small random rotation/scale (trilinear), optionally flipped left-right; background -1."""
     c = vols if channels is None else vols[list(channels)]
+    shape = torch.tensor(c.shape[1:], dtype=torch.float32)
     fg = torch.nonzero(c[0] > -0.9)
-    centre = fg[rng.integers(len(fg))].float() if len(fg) else torch.tensor(c.shape[1:], dtype=torch.float32) / 2
-    shape = (size, size, size)
-    pts = _offsets(shape) @ random_rotation(rng, max_deg, max_scale).T + centre  # voxel coords (i, j, k)
-    out = _resample(c, pts, shape)
+    centre = fg[rng.integers(len(fg))].float() if len(fg) else shape / 2
+    r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)  # (s^3, 3) voxel offsets
+    pts = grid @ random_rotation(rng, max_deg, max_scale).T + centre  # voxel coords (i, j, k)
+    norm = pts / (shape - 1) * 2 - 1  # grid_sample wants (x=k, y=j, z=i) in [-1, 1]
+    g = norm[:, [2, 1, 0]].reshape(1, size, size, size, 3)
+    out = F.grid_sample(c[None] + 1, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0] - 1
     if flip and rng.random() < 0.5:
         out = out.flip(1)  # axis 0 of the volume is left-right (RAS)
     return out
-
-
-def augment_volume(vols: torch.Tensor, rng: np.random.Generator, *, max_deg: float = 8.0,
-                   max_scale: float = 0.06, max_shift: float = 4.0, max_log_gamma: float = 0.1) -> torch.Tensor:
-    """A whole co-registered case (C, H, W, D) under one random rotation/scale about its centre, a
-    shift of up to `max_shift` voxels, a left-right flip half the time (same for every channel:
-    they stay co-registered) and a gamma jitter per channel (scanners differ per sequence)."""
-    shape = tuple(vols.shape[1:])
-    centre = (torch.tensor(shape, dtype=torch.float32) - 1) / 2
-    shift = torch.from_numpy(rng.uniform(-max_shift, max_shift, 3)).float()
-    pts = _offsets(shape) @ random_rotation(rng, max_deg, max_scale).T + centre + shift
-    out = _resample(vols, pts, shape)
-    if rng.random() < 0.5:
-        out = out.flip(1)
-    return torch.stack([gamma_jitter(ch, rng, max_log_gamma) for ch in out])
 
 
 def gamma_jitter(x: torch.Tensor, rng: np.random.Generator, max_log_gamma: float = 0.2) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from aldm import MODALITIES
 from aldm.models.aldm import ALDM, VQModel
 from aldm.models.config import DDConfig, LDMConfig, UNetConfig, VQConfig
-from aldm.training.data import augment_volume, gamma_jitter, load_cached, sample_patch
+from aldm.training.data import gamma_jitter, load_cached, sample_patch
 from aldm.training.loop import Loop, TrainState, load_stage, restore_rng, save_stage
 
 SMALL = LDMConfig(
@@ -160,20 +160,15 @@ def _restart_dead_codes(vq: VQModel, h: torch.Tensor, usage: torch.Tensor, rng) 
 # ------------------------------------------------------------------------------ latents
 
 @torch.no_grad()
-def encode_cases(vq: VQModel, cases: list[Path], say: Callable[[str], None], *, copies: int = 0,
-                 seed: int = 0) -> torch.Tensor:
-    """Quantized latents (cases x (2 + copies), 4 modalities, C, h, w, d) of every training volume:
-    as is, flipped, and `copies` randomly augmented versions (`augment_volume`) of each case.
-    Stages 2 and 3 see only these latents, so without copies their inputs never vary beyond a
-    flip (the stage-1 patches are augmented on the fly)."""
+def encode_cases(vq: VQModel, cases: list[Path], say: Callable[[str], None]) -> torch.Tensor:
+    """Quantized latents (cases x 2 flips, 4 modalities, C, h, w, d) of every training volume."""
     vq.eval()
-    rng = np.random.default_rng(seed + 7)
     out = []
     for p in cases:
         vols = load_cached(p)
-        for k in range(2 + copies):
-            v = vols if k == 0 else vols.flip(1) if k == 1 else augment_volume(vols, rng)
-            say(f"encoding {p.stem} ({['as is', 'flipped'][k] if k < 2 else f'augmented {k - 1}/{copies}'})")
+        for flip in (False, True):
+            v = vols.flip(1) if flip else vols
+            say(f"encoding {p.stem}{' (flipped)' if flip else ''}")
             out.append(torch.cat([vq.encode(v[m : m + 1, None])[0] for m in range(4)]))
     return torch.stack(out)
 
