@@ -96,7 +96,7 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
     n_classes = reference.config.first_stage_config.num_classes
     feeds, report.inputs = check_feeds(model_dir, batch, seed, n_classes, inputs, calib)
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
-    codebook = reference.first_stage_model.quantize.embedding.weight.detach().numpy()
+    codebook = reference.first_stage_model.quantize.embedding.weight.detach().cpu().numpy()
     gaps = {"encoder": code_gaps(expected["encoder"]["h"], codebook)}
     for precision in precisions:
         for backend in backends or available_backends():
