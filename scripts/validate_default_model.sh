@@ -8,7 +8,7 @@ set -euo pipefail
 RUN=$1; MODEL=$2; DATA=${3:-../shared/data/brats18}; STEPS=${4:-25}; ETA=${5:-0}; STRENGTH=${6:-1}
 OUT=$RUN/validation
 mkdir -p "$OUT"
-aldm export --ldm "$RUN/stage3/last.ckpt" --out "$MODEL" --steps "$STEPS" --eta "$ETA" --strength "$STRENGTH" --overwrite
+aldm export --ldm "$RUN/stage3/last.ckpt" --out "$MODEL" --steps "$STEPS" --eta "$ETA" --strength "$STRENGTH" --bound-latents --overwrite
 VAL=$(python -c "import json,sys; print(' '.join(json.load(open('$RUN/split.json'))['validation']))")
 rm -rf "$OUT/pred"
 for case in $VAL; do

@@ -20,6 +20,7 @@ def export(
     steps: Annotated[int, typer.Option(help="Default DDIM steps recorded in the manifest (official: 200).")] = 200,
     eta: Annotated[float, typer.Option(help="Default DDIM eta (official sampling.py: 1.0, stochastic).")] = 1.0,
     strength: Annotated[float, typer.Option(help="Default sampling strength recorded in the manifest (official: 1.0, from pure noise; < 1 starts from the noised MS-SPADE latent).")] = 1.0,
+    bound_latents: Annotated[bool, typer.Option("--bound-latents", help="Record the codebook's range so the runtime clamps the MS-SPADE output to it: guards against runaway latents on unusual inputs (seen with the default model on T2/FLAIR sources). Off by default because the official code does not clamp; use it for models trained with a trained codebook (aldm train).")] = False,
     raw_weights: Annotated[bool, typer.Option("--raw-weights", help="Use the raw UNet weights instead of EMA.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -28,7 +29,8 @@ def export(
 
     manifest = export_official(ldm, out, vqgan_ckpt=vqgan, config=config, ema=not raw_weights,
                                crop_size=parse_triple(crop, "--crop"), steps=steps, eta=eta,
-                               strength=strength, overwrite=overwrite, progress=say)
+                               strength=strength, bound_latents=bound_latents, overwrite=overwrite,
+                               progress=say)
     size = sum((out / f).stat().st_size for f in manifest.files) / 1e6
     typer.echo(f"exported {len(manifest.components)} components to {out} ({size:.1f} MB); "
                f"every graph passed the TensorRT-compatibility check")

@@ -142,8 +142,12 @@ def _quiet_logs():
 def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int, int] = (144, 192, 144),
                  steps: int = 200, eta: float = 1.0, strength: float = 1.0, spacing=(1.0, 1.0, 1.0),
                  source: dict | None = None, opset: int = OPSET, overwrite: bool = False,
-                 progress: Callable[[str], None] | None = None) -> Manifest:
-    """Export `model` into `out_dir` (created atomically); returns the manifest written."""
+                 bound_latents: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
+    """Export `model` into `out_dir` (created atomically); returns the manifest written.
+
+    bound_latents: record the codebook's per-channel range, so the runtime clamps the MS-SPADE
+    output to it (off by default: the official code does not clamp).
+    """
     from aldm.runtime.sampler import check_strength, ddim_timesteps
 
     out_dir = Path(out_dir)
@@ -177,6 +181,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                                   parameterization=model.config.parameterization),
             sampler=SamplerDefaults("ddim", steps, float(eta), float(strength)), config=model.config.to_dict(),
             source=source or {}, tools=_tool_versions(opset),
+            latent_bounds=codebook_bounds(model) if bound_latents else None,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         if out_dir.exists():
@@ -187,6 +192,12 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def codebook_bounds(model: ALDM) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(lows, highs) of the quantizer's codebook per latent channel."""
+    codes = model.first_stage_model.quantize.embedding.weight.detach().cpu()
+    return tuple(codes.min(0).values.tolist()), tuple(codes.max(0).values.tolist())
 
 
 def export_official(ldm_ckpt: str | Path, out_dir: str | Path, *, vqgan_ckpt: str | Path | None = None,

@@ -98,6 +98,10 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint path and sha256
     tools: dict[str, str] = field(default_factory=dict)
     variants: dict[str, dict[str, str]] = field(default_factory=dict)  # precision -> component -> file
+    # (lows, highs) per latent channel: the codebook's range. When set, the MS-SPADE output is
+    # clamped to it (every real target latent is a codebook vector, so clamping cannot move a
+    # coordinate away from it); None: unclamped, as the official code runs.
+    latent_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -122,6 +126,7 @@ class Manifest:
             schedule=ScheduleSpec(**d["schedule"]), sampler=SamplerDefaults(**d["sampler"]),
             config=d.get("config", {}), source=d.get("source", {}), tools=d.get("tools", {}),
             variants={k: dict(v) for k, v in d.get("variants", {}).items()},
+            latent_bounds=_bounds(d.get("latent_bounds"), d["latent_shape"][0]),
         )
 
 
@@ -141,6 +146,15 @@ def sample_feeds(spec: ComponentSpec, batch: int = 2, seed: int = 0, num_classes
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
+
+
+def _bounds(b: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if b is None:
+        return None
+    lo, hi = (tuple(float(x) for x in row) for row in b)
+    if len(lo) != channels or len(hi) != channels or any(a > c for a, c in zip(lo, hi)):
+        raise ModelError(f"manifest latent_bounds must be two rows of {channels} values, lows <= highs")
+    return lo, hi
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

@@ -92,8 +92,12 @@ class Pipeline:
         return self._run("encoder", x=x)
 
     def condition(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """c_concat = scale * cat[z, spade(z, y)] (B, 2C, h, w, d)."""
+        """c_concat = scale * cat[z, spade(z, y)] (B, 2C, h, w, d); spade(z, y) clamped to the
+        manifest's latent_bounds when it has them."""
         z_tgt = self._run("spade", z=z, y=y)
+        if self.manifest.latent_bounds is not None:
+            lo, hi = (np.asarray(b, np.float32).reshape(1, -1, 1, 1, 1) for b in self.manifest.latent_bounds)
+            z_tgt = np.clip(z_tgt, lo, hi)
         return (np.concatenate([z, z_tgt], axis=1) * np.float32(self.manifest.scale_factor)).astype(np.float32)
 
     def denoiser(self, c_concat: np.ndarray, y: np.ndarray) -> S.Denoiser:
