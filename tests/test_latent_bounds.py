@@ -50,7 +50,8 @@ def test_condition_is_the_unclamped_one_clipped(bounded_export, tiny_export):
     assert ((a[:, c:] / s < lo) | (a[:, c:] / s > hi)).mean() > 0.1  # the clip did act here
 
 
-@pytest.mark.parametrize("bounds", [[[0.0] * 3, [1.0] * 4], [[0.0] * 4, [1.0] * 3], [[0, 2, 0, 0], [1, 1, 1, 1]]])
+@pytest.mark.parametrize("bounds", [[[0.0] * 3, [1.0] * 4], [[0.0] * 4, [1.0] * 3], [[0, 2, 0, 0], [1, 1, 1, 1]],
+                                    [[0.0] * 4] * 3, [["a"] * 4, [1.0] * 4], 5])
 def test_malformed_bounds_are_a_model_error(tiny_export, bounds):
     d = json.loads((tiny_export / MANIFEST).read_text()) | {"latent_bounds": bounds}
     with pytest.raises(ModelError, match="latent_bounds"):

@@ -151,9 +151,12 @@ def sample_feeds(spec: ComponentSpec, batch: int = 2, seed: int = 0, num_classes
 def _bounds(b: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     if b is None:
         return None
-    lo, hi = (tuple(float(x) for x in row) for row in b)
+    try:
+        lo, hi = (tuple(float(x) for x in row) for row in b)
+    except (TypeError, ValueError):
+        lo = hi = ()
     if len(lo) != channels or len(hi) != channels or any(a > c for a, c in zip(lo, hi)):
-        raise ModelError(f"manifest latent_bounds must be two rows of {channels} values, lows <= highs")
+        raise ModelError(f"manifest latent_bounds must be two rows of {channels} numbers, lows <= highs")
     return lo, hi
 
 
