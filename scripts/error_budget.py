@@ -53,15 +53,19 @@ def match_histogram(v: np.ndarray, mask: np.ndarray, template: np.ndarray) -> np
     return np.where(mask, np.interp(v, own, template), 0)
 
 
+def validation_cache(run: Path, data: Path) -> list[Path]:
+    """The run's held-out cases (split.json), cached in the model grid under RUN/validation/cache."""
+    names = json.loads((run / "split.json").read_text())["validation"]
+    return cache_cases([c for c in find_cases(data) if c.name in names], run / "validation" / "cache", Preprocessing())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("data", type=Path, nargs="?", default=Path("../shared/data/brats18"))
     ap.add_argument("--out", type=Path, help="report prefix (.csv, .md); default RUN/validation/error_budget")
     args = ap.parse_args()
-    names = json.loads((args.run / "split.json").read_text())["validation"]
-    val = cache_cases([c for c in find_cases(args.data) if c.name in names], args.run / "validation" / "cache",
-                      Preprocessing())
+    val = validation_cache(args.run, args.data)
     template = histogram_template(sorted((args.run / "cache").glob("*.npz")))
     ck = load_stage(args.run / "stage2" / "last.ckpt")
     vq = VQModel(LDMConfig.from_dict(ck["aldm_config"]).first_stage_config)

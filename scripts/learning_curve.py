@@ -26,11 +26,9 @@ from aldm import MODALITIES
 from aldm.evaluate import score
 from aldm.models.aldm import VQModel
 from aldm.models.config import LDMConfig
-from aldm.runtime.manifest import Preprocessing
-from aldm.training.data import cache_cases, find_cases
 from aldm.training.loop import load_stage
 from aldm.training.stages import Budget, train_stage2
-from error_budget import TASKS, brain
+from error_budget import TASKS, brain, validation_cache
 
 
 def site_round_robin(names: list[str]) -> list[str]:
@@ -59,12 +57,10 @@ def main() -> None:
     out = args.out or args.run / "learning_curve"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    split = json.loads((args.run / "split.json").read_text())
     train_names = sorted(p.stem for p in (args.run / "cache").glob("*.npz"))  # latents.pt order
     order = site_round_robin(train_names)
     latents = torch.load(args.run / "latents.pt")  # (cases x 2 flips, 4, C, h, w, d)
-    val_cache = cache_cases([c for c in find_cases(args.data) if c.name in split["validation"]],
-                            args.run / "validation" / "cache", Preprocessing())
+    val_cache = validation_cache(args.run, args.data)
     ck = load_stage(args.run / "stage1" / "last.ckpt")
     cfg = LDMConfig.from_dict(ck["aldm_config"])
     vq = VQModel(cfg.first_stage_config)
