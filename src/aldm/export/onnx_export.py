@@ -122,8 +122,23 @@ def _export_one(model: ALDM, spec: ComponentSpec, path: Path, opset: int) -> Non
     from aldm.export.stable_norm import stabilise_norms
 
     proto = onnx.load(str(path))
-    if stabilise_norms(proto):  # ORT's own norm kernels lose ~1e-3 on full-resolution groups
-        onnx.save(proto, str(path))
+    stabilise_norms(proto)  # ORT's own norm kernels lose ~1e-3 on full-resolution groups
+    strip_debug_metadata(proto)
+    onnx.save(proto, str(path))
+
+
+DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+def strip_debug_metadata(proto) -> None:
+    """Drop the exporter's per-node Python stack traces and FX node dumps. The traces hold the
+    exporting checkout's absolute paths, so the same weights exported from two checkouts gave two
+    different files; both are debugging aids (6-20 % of a graph's bytes). The name scopes that
+    the precision passes read are kept."""
+    for node in proto.graph.node:
+        keep = [p for p in node.metadata_props if p.key not in DEBUG_KEYS]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
 
 
 @contextlib.contextmanager
