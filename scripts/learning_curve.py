@@ -39,9 +39,10 @@ def site_round_robin(names: list[str]) -> list[str]:
     return [n for n in chain.from_iterable(zip_longest(*sites.values())) if n]
 
 
-def latent_l1(vq: VQModel, lat: torch.Tensor, src: int, tgt: int) -> tuple[float, float]:
-    """Mean latent L1 of the MS-SPADE and of the identity over lat (cases, 4, C, h, w, d)."""
-    spade = np.mean([(vq.spade(z[src][None], tgt)[0] - z[tgt]).abs().mean().item() for z in lat])
+def latent_l1(preds: list[torch.Tensor], lat: torch.Tensor, src: int, tgt: int) -> tuple[float, float]:
+    """Mean latent L1 of the MS-SPADE outputs `preds` (one per case of lat) and of the identity,
+    over lat (cases, 4, C, h, w, d)."""
+    spade = np.mean([(p - z[tgt]).abs().mean().item() for p, z in zip(preds, lat)])
     ident = np.mean([(z[src] - z[tgt]).abs().mean().item() for z in lat])
     return float(spade), float(ident)
 
@@ -88,10 +89,11 @@ def main() -> None:
         with torch.no_grad():
             for src, tgt in TASKS:
                 s, t = idx[src], idx[tgt]
-                scores = [score(vq.decode(vq.spade(z[s][None], t))[0, 0].numpy() + 1, v[t] + 1, brain(v))
-                          for z, v in zip(val_lat, val_vols)]
-                val_l1, val_id = latent_l1(vq, val_lat, s, t)
-                tr_l1, tr_id = latent_l1(vq, sub[::2], s, t)  # unflipped training subjects
+                val_pred = [vq.spade(z[s][None], t) for z in val_lat]  # once: scored and L1'd
+                scores = [score(vq.decode(p)[0, 0].numpy() + 1, v[t] + 1, brain(v)) for p, v in zip(val_pred, val_vols)]
+                val_l1, val_id = latent_l1([p[0] for p in val_pred], val_lat, s, t)
+                train = sub[::2]  # unflipped training subjects
+                tr_l1, tr_id = latent_l1([vq.spade(z[s][None], t)[0] for z in train], train, s, t)
                 row[f"{src}->{tgt}"] = {
                     "psnr": float(np.mean([x.psnr for x in scores])), "ssim": float(np.mean([x.ssim for x in scores])),
                     "val_l1_ratio": val_l1 / val_id, "train_l1_ratio": tr_l1 / tr_id}
