@@ -3,20 +3,25 @@
 Inputs: a folder (recursive *.nii / *.nii.gz), a .txt/.csv list, a BraTS-style layout (one
 folder per subject; the source modality picks the file) or a .zip / .tar(.gz) archive, read one
 member at a time. Every case is independent: a failure is recorded with its reason and the batch
-goes on. Outputs are atomic; a rerun skips complete cases (output bytes match the sidecar's hash)
-and redoes partial ones. Reading the next case and writing the previous one overlap the current
-computation (bounded queues). SIGINT abandons the case being computed, finishes the write in
-progress and stops cleanly.
+goes on: any exception from one case, of any type, is that case's failure. Outputs are atomic;
+a rerun skips a case only when its outputs match their sidecars' hashes and were made with the
+same settings digest (see `Translator.completeness`), and redoes the rest, saying why. Reading the
+next case and writing the previous one overlap the current computation (bounded queues whose waits
+time out and honour the stop flag, so nothing can hang on a dead thread). SIGINT abandons the case
+being computed, finishes the write in progress and stops; a second SIGINT aborts. The report is
+rewritten (atomically) as each case finishes, so a `kill -9` leaves a report of everything done.
+Archives are read within caps (member size, total extracted bytes, compression ratio); a .tar(.gz)
+is streamed once, in order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import queue
-import shutil
 import signal
 import tarfile
 import tempfile
@@ -28,10 +33,22 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from aldm import MODALITY_ALIASES
-from aldm.errors import AldmError, UsageError
+from aldm.atomic import atomic_path
+from aldm.atomic import clean_partials as _clean_partials
+from aldm.errors import AldmError, InputError, UsageError
 from aldm.nifti import NIFTI_SUFFIXES, stem
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
+WAIT_S = 0.2  # every queue wait times out this often to look at the stop flag and its peer thread
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What one archive may make aldm extract (zip bombs, lying headers)."""
+
+    member_bytes: int = 4 << 30  # one member, uncompressed (a 1024^3 float32 volume is 4 GiB)
+    total_bytes: int = 1 << 40  # all members extracted by one batch
+    ratio: float = 1000.0  # uncompressed / compressed size of a zip member
 
 
 @dataclass
@@ -77,7 +94,10 @@ def discover(source: Path, source_modality: str = "t1") -> list[Case]:
         raise UsageError(f"{source}: no such file or folder")
     name = source.name.lower()
     if source.is_file() and name.endswith(ARCHIVES):
-        return _archive_cases(source)
+        try:
+            return _archive_cases(source)
+        except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, RuntimeError) as exc:
+            raise AldmError(f"{source}: unreadable archive ({_reason(exc)})") from None
     if source.is_file() and name.endswith((".txt", ".csv")):
         return _list_cases(source)
     if source.is_dir():
@@ -142,7 +162,8 @@ def _archive_cases(archive: Path) -> list[Case]:
                     continue
                 case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                case.refused = "link" if is_link else _unsafe(info.filename)
+                case.refused = ("link" if is_link else "encrypted member (password-protected zip)"
+                                if info.flag_bits & 0x1 else _unsafe(info.filename) or _bomb(info))
                 if not case.refused:
                     case.rel_dir = _parent(info.filename)
                 cases.append(case)
@@ -160,13 +181,78 @@ def _archive_cases(archive: Path) -> list[Case]:
     return cases
 
 
+def _bomb(info: zipfile.ZipInfo, limits: ArchiveLimits = ArchiveLimits()) -> str | None:
+    if info.file_size > limits.member_bytes:
+        return f"member of {info.file_size:,} bytes, over the cap of {limits.member_bytes:,}"
+    if info.file_size > (1 << 20) and info.file_size > limits.ratio * max(info.compress_size, 1):
+        return (f"compression ratio {info.file_size / max(info.compress_size, 1):,.0f}:1 "
+                f"over the cap of {limits.ratio:,.0f}:1 (zip bomb?)")
+    return None
+
+
 def _parent(rel: str) -> str:
     parent = str(PurePosixPath(rel).parent)
     return "" if parent == "." else parent
 
 
+class ArchiveReader:
+    """Extracts archive members within `limits`: a zip by name, a tar as one forward stream in
+    archive order (cases are discovered in that order, so each member is read once; asking for an
+    earlier member reopens the stream)."""
+
+    def __init__(self, source: Path, limits: ArchiveLimits = ArchiveLimits()):
+        self.source, self.limits, self.extracted = source, limits, 0
+        self._zip: zipfile.ZipFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._members: Iterator[tarfile.TarInfo] | None = None
+
+    def copy(self, member: str, dst: io.BufferedIOBase) -> None:
+        if self.source.name.lower().endswith(".zip"):
+            self._zip = self._zip or zipfile.ZipFile(self.source)
+            info = self._zip.getinfo(member)
+            if why := _bomb(info, self.limits):
+                raise InputError(f"{member}: {why}")
+            with self._zip.open(info) as src:
+                self._copy(member, src, dst)
+        else:
+            with self._tar_member(member) as src:
+                self._copy(member, src, dst)
+
+    @contextlib.contextmanager
+    def _tar_member(self, member: str):
+        for _ in range(2):
+            if self._members is None:
+                self._tar = tarfile.open(self.source, "r|*")
+                self._members = iter(self._tar)
+            for m in self._members:
+                if m.name == member:
+                    if not m.isfile():
+                        raise InputError(f"{member}: not a regular file")
+                    yield self._tar.extractfile(m)
+                    return
+            self.close()
+        raise InputError(f"{member}: not found in {self.source}")
+
+    def _copy(self, member: str, src, dst) -> None:
+        n = 0
+        while block := src.read(1 << 20):
+            n += len(block)
+            if n > self.limits.member_bytes:
+                raise InputError(f"{member}: larger than the cap of {self.limits.member_bytes:,} bytes")
+            if self.extracted + n > self.limits.total_bytes:
+                raise InputError(f"{member}: the batch has extracted {self.limits.total_bytes:,} bytes, its cap")
+            dst.write(block)
+        self.extracted += n
+
+    def close(self) -> None:
+        for f in (self._zip, self._tar):
+            if f is not None:
+                f.close()
+        self._zip = self._tar = self._members = None
+
+
 @contextlib.contextmanager
-def materialize(case: Case, source: Path) -> Iterator[Path]:
+def materialize(case: Case, archive: ArchiveReader) -> Iterator[Path]:
     """A local file for the case: the file itself, or one archive member copied to a temp file."""
     if case.path is not None:
         yield case.path
@@ -174,14 +260,8 @@ def materialize(case: Case, source: Path) -> Iterator[Path]:
     suffix = ".nii.gz" if case.name.lower().endswith(".gz") else ".nii"
     with tempfile.TemporaryDirectory(prefix="aldm-member-") as tmp:
         local = Path(tmp) / f"member{suffix}"
-        if source.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(source) as z, z.open(case.member) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        else:
-            with tarfile.open(source) as t:
-                src = t.extractfile(case.member)
-                with open(local, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+        with open(local, "wb") as dst:
+            archive.copy(case.member, dst)
         yield local
 
 
@@ -193,12 +273,7 @@ class Stop(Exception):
 
 def clean_partials(out: Path) -> int:
     """Remove temporary files a killed run left behind (never a final name)."""
-    n = 0
-    if out.exists():
-        for p in out.rglob(".*.partial-*"):
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
+    return _clean_partials(out)
 
 
 def output_dir(out: Path, case: Case) -> Path:
@@ -208,11 +283,36 @@ def output_dir(out: Path, case: Case) -> Path:
     return d
 
 
+def _put(q: queue.Queue, item, give_up: Callable[[], bool]) -> bool:
+    """Put with bounded waits; False (item dropped) once `give_up()` says the consumer is gone."""
+    while True:
+        try:
+            q.put(item, timeout=WAIT_S)
+            return True
+        except queue.Full:
+            if give_up():
+                return False
+
+
+def _get(q: queue.Queue, producer: threading.Thread):
+    """Get with bounded waits; None (end of queue) if the producer died without saying so."""
+    while True:
+        try:
+            return q.get(timeout=WAIT_S)
+        except queue.Empty:
+            if not producer.is_alive():
+                try:
+                    return q.get_nowait()
+                except queue.Empty:
+                    return None
+
+
 def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetch: int = 2,
               on_event: Callable[[str, Case, Record | None], None] = lambda *a: None,
-              stop: threading.Event | None = None) -> list[Record]:
+              stop: threading.Event | None = None, limits: ArchiveLimits = ArchiveLimits()) -> list[Record]:
     """Reader thread -> compute (this thread) -> writer thread, with bounded queues."""
     stop = stop or threading.Event()
+    closing = threading.Event()  # set when this thread leaves: the reader stops producing
     loaded: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     to_write: queue.Queue = queue.Queue(maxsize=1)
     records: dict[str, Record] = {}
@@ -223,52 +323,67 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
             records[rec.id] = rec
         on_event("case", case, rec)
 
+    def read(case: Case, archive: ArchiveReader):
+        """The loaded case, or None when it was recorded (refused, skipped, failed)."""
+        if case.refused:
+            record(Record(case.id, "failed", f"refused: {case.refused}"), case)
+            return None
+        try:
+            d = output_dir(out, case)
+            paths = translator.output_paths(Path(case.name), d)
+            why = "overwrite"
+            if not translator.options.overwrite:
+                complete, why = translator.completeness(paths)
+                if complete:
+                    record(Record(case.id, "skipped", why, [str(p) for p in paths.values()]), case)
+                    return None
+            t0 = time.perf_counter()
+            d.mkdir(parents=True, exist_ok=True)
+            with materialize(case, archive) as local:
+                vol, prep = translator.load(local)
+            if case.member is not None:
+                vol.path = Path(f"{source}!/{case.member}")
+            return case, paths, vol, prep, time.perf_counter() - t0, why
+        except Exception as exc:  # one case's failure, whatever its type, never the batch's
+            record(Record(case.id, "failed", _reason(exc)), case)
+            return None
+
     def reader() -> None:
-        for case in cases:
-            if stop.is_set():
-                break
-            if case.refused:
-                record(Record(case.id, "failed", f"refused: {case.refused}"), case)
-                continue
-            try:
-                d = output_dir(out, case)
-                paths = translator.output_paths(Path(case.name), d)
-                if not translator.options.overwrite and translator.is_complete(paths):
-                    record(Record(case.id, "skipped", "complete outputs exist",
-                                  [str(p) for p in paths.values()]), case)
-                    continue
-                t0 = time.perf_counter()
-                d.mkdir(parents=True, exist_ok=True)
-                with materialize(case, source) as local:
-                    vol, prep = translator.load(local)
-                if case.member is not None:
-                    vol.path = Path(f"{source}!/{case.member}")
-                loaded.put((case, paths, vol, prep, time.perf_counter() - t0))
-            except (AldmError, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-                record(Record(case.id, "failed", _reason(exc)), case)
-        loaded.put(None)
+        archive = ArchiveReader(source, limits)
+        try:
+            for case in cases:
+                if stop.is_set() or closing.is_set():
+                    break
+                item = read(case, archive)
+                if item is not None and not _put(loaded, item, closing.is_set):
+                    break
+        finally:
+            archive.close()
+            _put(loaded, None, closing.is_set)
 
     def writer() -> None:
-        while (item := to_write.get()) is not None:
-            case, paths, vol, prep, tr, seed, read_s, compute_s = item
+        while (item := _get(to_write, main)) is not None:
+            case, paths, vol, prep, tr, seed, read_s, compute_s, why = item
             try:
                 res = translator.write(vol, prep, tr, paths, seed, {"read": read_s, "compute": compute_s})
-                record(Record(case.id, "done", "", [str(p) for p in res.outputs.values()], seed,
+                record(Record(case.id, "done", _redone(why), [str(p) for p in res.outputs.values()], seed,
                               read_s, compute_s, res.timings["write"]), case)
-            except (AldmError, OSError) as exc:
+            except Exception as exc:
                 record(Record(case.id, "failed", _reason(exc), seed=seed), case)
 
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
-    for t in threads:
-        t.start()
+    main = threading.current_thread()
+    read_t = threading.Thread(target=reader, daemon=True, name="aldm-reader")
+    write_t = threading.Thread(target=writer, daemon=True, name="aldm-writer")
+    read_t.start()
+    write_t.start()
 
     def check_stop(i, n, t, x):
         if stop.is_set():
             raise Stop
 
     try:
-        while (item := loaded.get()) is not None:
-            case, paths, vol, prep, read_s = item
+        while (item := _get(loaded, read_t)) is not None:
+            case, paths, vol, prep, read_s, why = item
             if stop.is_set():
                 record(Record(case.id, "interrupted", "stopped before computing"), case)
                 continue
@@ -280,15 +395,21 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
             except Stop:
                 record(Record(case.id, "interrupted", "stopped while computing", seed=seed), case)
                 continue
-            except (AldmError, MemoryError) as exc:
+            except Exception as exc:
                 record(Record(case.id, "failed", _reason(exc), seed=seed), case)
                 continue
-            to_write.put((case, paths, vol, prep, tr, seed, read_s, time.perf_counter() - t0))
+            _put(to_write, (case, paths, vol, prep, tr, seed, read_s, time.perf_counter() - t0, why),
+                 lambda: not write_t.is_alive())
     finally:
-        to_write.put(None)
-        for t in threads:
-            t.join()
+        closing.set()
+        _put(to_write, None, lambda: not write_t.is_alive())
+        write_t.join()  # the write in progress finishes (a second Ctrl-C lands here too)
+        read_t.join(timeout=5 * WAIT_S)
     return [records[c.id] for c in cases if c.id in records]
+
+
+def _redone(why: str) -> str:
+    return "" if why in ("no previous outputs", "overwrite") else f"redone: {why}"
 
 
 def _reason(exc: BaseException) -> str:
@@ -338,16 +459,42 @@ def summarise(records: list[Record], wall_s: float) -> dict:
 def write_report(records: list[Record], summary: dict, out: Path, prefix: str = "aldm_report") -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     j, c = out / f"{prefix}.json", out / f"{prefix}.csv"
-    tmp = j.with_name(j.name + ".partial")
-    tmp.write_text(json.dumps({"summary": summary, "cases": [asdict(r) for r in records]}, indent=1))
-    tmp.replace(j)
-    with open(c.with_name(c.name + ".partial"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(records[0]) if records else Record("", "").__dict__))
+    with atomic_path(j) as tmp:
+        tmp.write_text(json.dumps({"summary": summary, "cases": [asdict(r) for r in records]}, indent=1))
+    with atomic_path(c) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(Record("", ""))))
         w.writeheader()
         for r in records:
             w.writerow({k: (";".join(v) if isinstance(v, list) else v) for k, v in asdict(r).items()})
-    c.with_name(c.name + ".partial").replace(c)
     return j, c
+
+
+class Journal:
+    """The batch report, rewritten (temp file + rename) as each case finishes, so a `kill -9`
+    leaves a report of every case done so far; `finish` adds the final summary."""
+
+    def __init__(self, out: Path, cases: list[Case]):
+        self.out, self.order, self.t0 = out, [c.id for c in cases], time.perf_counter()
+        self.records: dict[str, Record] = {}
+        self.lock = threading.Lock()
+
+    def add(self, rec: Record) -> None:
+        with self.lock:
+            self.records[rec.id] = rec
+            self._write(finished=False)
+
+    def ordered(self) -> list[Record]:
+        return [self.records[i] for i in self.order if i in self.records]
+
+    def _write(self, finished: bool) -> tuple[Path, Path]:
+        records = self.ordered()
+        summary = summarise(records, time.perf_counter() - self.t0) | {"finished": finished}
+        return write_report(records, summary, self.out)
+
+    def finish(self) -> tuple[dict, Path, Path]:
+        with self.lock:
+            j, c = self._write(finished=True)
+            return json.loads(j.read_text())["summary"], j, c
 
 
 def exit_code(records: list[Record]) -> int:
@@ -356,13 +503,14 @@ def exit_code(records: list[Record]) -> int:
     return 3 if any(r.status == "failed" for r in records) else 0
 
 
-def payload(case: Case, source: Path) -> dict:
+def payload(case: Case, archive: ArchiveReader) -> dict:
     """A case as plain data for a remote worker (archive members travel as bytes)."""
     d = asdict(case)
     d["path"] = str(case.path) if case.path else None
     if case.member is not None and not case.refused:
-        with materialize(case, source) as local:
-            d["data"] = local.read_bytes()
+        buf = io.BytesIO()
+        archive.copy(case.member, buf)
+        d["data"] = buf.getvalue()
     return d
 
 

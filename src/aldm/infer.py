@@ -7,8 +7,9 @@ name, then a rename), so a final name never holds a partial file.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
 import re
 import tempfile
 import time
@@ -20,8 +21,9 @@ from typing import Callable
 import numpy as np
 
 import aldm
+from aldm.atomic import write_text
 from aldm.errors import AldmError, ModelError, UsageError
-from aldm.nifti import Volume, load_volume, save_like, stem
+from aldm.nifti import MAX_VOXELS, Volume, load_volume, save_like, stem
 from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
 from aldm.runtime.manifest import MANIFEST, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
@@ -54,6 +56,10 @@ class Options:
     preview: bool = False
     finer_tolerance: float = FINER_TOLERANCE
     strength: float | None = None  # None: the manifest's default
+    max_voxels: int = MAX_VOXELS  # sources whose header declares more are refused unread
+
+
+SEED_RULE = "seed*1000003+crc32(case id) mod 2^31"  # seed_for(); part of the settings digest
 
 
 @dataclass
@@ -84,6 +90,49 @@ class Translator:
         pipeline.classes(options.targets)  # validates the names
         self.pipeline, self.options = pipeline, options
         self.manifest_sha256 = sha256_file(pipeline.model.file(MANIFEST))
+        self.settings = self._settings()
+        self.settings_digest = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()
+
+    def _settings(self) -> dict:
+        """Everything that determines the output bytes, and nothing else: the component files
+        actually run (not the whole manifest, so adding an engine or an INT8 copy to the model
+        leaves finished cases finished), the manifest fields that change outputs, the resolved
+        sampler settings, the seed rule, and how outputs are named and scaled."""
+        m, o, model = self.pipeline.manifest, self.options, self.pipeline.model
+        d = m.sampler
+        components = {}
+        for c, runner in self.pipeline.runners.items():
+            path = getattr(runner, "path", None)
+            if path is not None and Path(path).name in m.files:
+                components[c] = m.files[Path(path).name]
+            elif path is not None and Path(path).is_file():
+                components[c] = sha256_file(Path(path))
+            else:  # a fallback chain: the exported graph it starts from, and its name
+                components[c] = f"{m.files[model.component_file(c).name]}:{runner.name}"
+        name = self.pipeline.backend
+        return {
+            "aldm_version": aldm.__version__,
+            "components": components,
+            "precision": name.split("/", 1)[1] if "/" in name else ("fp16" if name.startswith("trt") else "fp32"),
+            "schedule_sha256": m.files.get(m.schedule.file),
+            "schedule": dataclasses.asdict(m.schedule),
+            "scale_factor": m.scale_factor,
+            "latent_bounds": m.latent_bounds,
+            "latent_shape": list(m.latent_shape),
+            "modalities": list(m.modalities),
+            "preprocessing": dataclasses.asdict(m.preprocessing),
+            "finer_tolerance": o.finer_tolerance,
+            "sampler": d.name,
+            "steps": o.steps or d.steps,
+            "eta": d.eta if o.eta is None else float(o.eta),
+            "strength": d.strength if o.strength is None else float(o.strength),
+            "seed": o.seed,  # None: a fresh random seed per case
+            "seed_rule": SEED_RULE,
+            "intensity": o.intensity,
+            "naming": o.naming,
+            "targets": list(o.targets),
+            "source_modality": o.source_modality,
+        }
 
     # ------------------------------------------------------------------------------ naming
     def output_dir(self, source: Path, out_dir: Path | None = None) -> Path:
@@ -118,19 +167,35 @@ class Translator:
                 raise AldmError(f"{existing[0]} exists; pass --overwrite to replace it")
 
     def is_complete(self, paths: dict[str, Path]) -> bool:
-        """Every output and sidecar present, the sidecar made by this model, the output's bytes
-        the ones the sidecar hashed: a case a rerun can skip."""
+        return self.completeness(paths)[0]
+
+    def completeness(self, paths: dict[str, Path]) -> tuple[bool, str]:
+        """(complete, why not): a case a rerun can skip has every output and sidecar, each sidecar
+        made with this run's settings digest, each output's bytes the ones its sidecar hashed."""
         for path in paths.values():
             side = self.sidecar_path(path)
+            if not (path.is_file() and side.is_file()):
+                return False, "no previous outputs" if not path.exists() else "previous run unfinished"
             try:
                 doc = json.loads(side.read_text())
-                ok = (doc.get("manifest_sha256") == self.manifest_sha256
-                      and doc.get("output_sha256") == sha256_file(path))
-            except (OSError, ValueError):
-                return False
-            if not ok:
-                return False
-        return True
+                digest_ok = doc.get("settings_digest") == self.settings_digest
+                bytes_ok = digest_ok and doc.get("output_sha256") == sha256_file(path)
+            except (OSError, ValueError, AttributeError):
+                return False, f"unreadable sidecar {side.name}"
+            if not digest_ok:
+                return False, "settings changed: " + self._changed(doc.get("settings"))
+            if not bytes_ok:
+                return False, f"{path.name} differs from the bytes its sidecar recorded"
+        return True, "complete outputs with the same settings exist"
+
+    def _changed(self, old) -> str:
+        if not isinstance(old, dict):
+            return "previous outputs carry no settings digest (older aldm)"
+        keys = sorted(set(old) | set(self.settings))
+        diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True)
+                != json.dumps(self.settings.get(k), sort_keys=True)]
+        short = lambda v: json.dumps(v)[:40]  # noqa: E731
+        return ", ".join(f"{k} {short(old.get(k))} -> {short(self.settings.get(k))}" for k in diff) or "digest"
 
     # ------------------------------------------------------------------------------ the job
     def seed_for(self, case_id: str) -> int:
@@ -140,7 +205,7 @@ class Translator:
         return (self.options.seed * 1_000_003 + zlib.crc32(case_id.encode())) % 2**31
 
     def load(self, source: Path) -> tuple[Volume, Prepared]:
-        vol = load_volume(source)
+        vol = load_volume(source, max_voxels=self.options.max_voxels)
         prep = preprocess(vol.data, vol.affine, self.pipeline.manifest.preprocessing,
                           finer_tolerance=self.options.finer_tolerance)
         return vol, prep
@@ -153,14 +218,20 @@ class Translator:
               timings: dict[str, float]) -> CaseResult:
         t0 = time.perf_counter()
         foreground = vol.data > 0
-        outputs = {}
-        for target, path in paths.items():
-            out = invert(tr.volumes[target][0, 0], prep.record, intensity=self.options.intensity)
-            out = np.where(foreground, out, np.float32(0))
-            outputs[target] = save_like(vol, out, path, f"aldm {target} from {vol.path.name}")
-        timings = dict(timings) | {"write": time.perf_counter() - t0}
-        timings["total"] = sum(v for k, v in timings.items() if k != "total")
-        sidecars = {t: self._write_sidecar(p, vol, t, seed, tr, prep, timings) for t, p in outputs.items()}
+        outputs, sidecars = {}, {}
+        try:  # a case is written whole or not at all: a failure removes what this call wrote
+            for target, path in paths.items():
+                out = invert(tr.volumes[target][0, 0], prep.record, intensity=self.options.intensity)
+                out = np.where(foreground, out, np.float32(0))
+                outputs[target] = save_like(vol, out, path, f"aldm {target} from {vol.path.name}")
+            timings = dict(timings) | {"write": time.perf_counter() - t0}
+            timings["total"] = sum(v for k, v in timings.items() if k != "total")
+            for t, p in outputs.items():
+                sidecars[t] = self._write_sidecar(p, vol, t, seed, tr, prep, timings)
+        except BaseException:
+            for p in list(outputs.values()) + list(sidecars.values()):
+                p.unlink(missing_ok=True)
+            raise
         preview_path = None
         if self.options.preview:
             from aldm.preview import preview
@@ -205,9 +276,7 @@ class Translator:
             "preprocessing": prep.record,
             "warnings": prep.warnings,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings_digest": self.settings_digest,
+            "settings": self.settings,
         }
-        path = self.sidecar_path(output)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
-        return path
+        return write_text(self.sidecar_path(output), json.dumps(doc, indent=1))

@@ -7,16 +7,17 @@ qform/sform and their codes; only the data type becomes float32.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from aldm.errors import AldmError, InputError
+from aldm.atomic import atomic_path
+from aldm.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_VOXELS = 1024**3  # refused before any data is read (a header can claim any size); --max-voxels
 
 
 @dataclass
@@ -40,8 +41,11 @@ def stem(path: Path) -> str:
     return path.stem
 
 
-def load_volume(path: str | Path) -> Volume:
-    """Load and validate one 3-D NIfTI volume; every problem is an InputError naming the file."""
+def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
+    """Load and validate one 3-D NIfTI volume; every problem is an InputError naming the file.
+
+    The header is checked first (dimensions, voxel count, a usable affine), so a file that
+    claims a huge grid is refused before its data is read."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -56,16 +60,19 @@ def load_volume(path: str | Path) -> Volume:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"{path}: not a NIfTI image (nibabel reads it as {type(img).__name__})")
+        shape = tuple(int(s) for s in img.shape)
+        _check_header(path, shape, np.asarray(img.affine, np.float64), max_voxels)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except InputError:
         raise
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
-        raise InputError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        raise InputError(f"{path}: corrupt or truncated gzip data ({_first_line(exc)})") from None
     except ImageFileError as exc:
-        raise InputError(f"{path}: not a readable NIfTI file ({str(exc).splitlines()[0]})") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable ({str(exc).splitlines()[0] or type(exc).__name__})") from None
-    shape = tuple(int(s) for s in img.shape)
+        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
+    except MemoryError:
+        raise InputError(f"{path}: too large to load into memory") from None
+    except Exception as exc:  # nibabel raises many kinds on malformed headers; none is a crash
+        raise InputError(f"{path}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -78,6 +85,25 @@ def load_volume(path: str | Path) -> Volume:
     if not data.any():
         raise InputError(f"{path}: every voxel is 0")
     return Volume(path, data, np.asarray(img.affine, np.float64), img.header, shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _check_header(path: Path, shape: tuple[int, ...], affine: np.ndarray, max_voxels: int) -> None:
+    """Refuse what cannot be a volume before reading data: empty or huge grids, a broken affine."""
+    if not shape or min(shape) < 1:
+        raise InputError(f"{path}: header declares an empty grid ({'x'.join(map(str, shape))})")
+    n = int(np.prod(np.asarray(shape, dtype=object)))
+    if n > max_voxels:
+        raise InputError(f"{path}: header declares {'x'.join(map(str, shape))} = {n:,} voxels, over the "
+                         f"limit of {max_voxels:,} (raise it with --max-voxels)")
+    m = affine[:3, :3]
+    norms = np.sqrt((m**2).sum(axis=0)) if np.isfinite(affine).all() else np.zeros(3)
+    if not (norms > 0).all() or abs(np.linalg.det(m)) <= 1e-6 * float(np.prod(norms)):
+        raise InputError(f"{path}: the header's affine (sform/qform) is degenerate "
+                         "(a zero or collinear voxel axis, or NaN); fix the header, e.g. reset the sform")
 
 
 def save_like(source: Volume, data: np.ndarray, path: str | Path, description: str = "") -> Path:
@@ -95,14 +121,6 @@ def save_like(source: Volume, data: np.ndarray, path: str | Path, description: s
     img.header.set_slope_inter(1.0, 0.0)
     if description:
         img.header["descrip"] = description.encode()[:79]
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{stem(path)}.partial-{os.getpid()}{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AldmError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -40,6 +40,15 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def ignore_file_size_signal() -> None:
+    """A write past a file-size limit (ulimit -f) then fails with EFBIG, which aldm reports as
+    a one-line error with nothing partial left, instead of SIGXFSZ killing the process."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def split_list(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 

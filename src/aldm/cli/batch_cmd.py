@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from pathlib import Path
 
 import typer
@@ -14,24 +13,33 @@ from aldm.errors import AldmError
 
 
 def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | None,
-              workers: int | None, backend: str, threads: int | None, quiet: bool) -> int:
+              workers: int | None, backend: str, threads: int | None, quiet: bool, limits=None) -> int:
     from aldm import batch as B
 
+    limits = limits or B.ArchiveLimits()
     try:
         cases = B.discover(source, translator.options.source_modality)
     except AldmError as exc:
         fail(str(exc), exc.exit_code)
     if not cases:
         fail(f"{source}: no NIfTI volumes found", 2)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the output folder {out}: {exc.strerror or exc}")
     stale = B.clean_partials(out)
     if stale and not quiet:
         say(f"removed {stale} temporary file(s) left by an interrupted run")
     stop = threading.Event()
     bar, task = _bar(quiet, len(cases))
+    journal = B.Journal(out, cases)
 
     def on_event(kind, case, rec):
         if kind == "case" and rec is not None:
+            try:
+                journal.add(rec)
+            except AldmError as exc:  # the report could not be written (disk full): say so, go on
+                typer.echo(f"warning: report not updated: {exc}", err=True)
             if bar:
                 bar.advance(task)
             if rec.status == "failed":
@@ -39,18 +47,26 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
         elif kind == "start" and bar:
             bar.update(task, description=case.id)
 
-    t0 = time.perf_counter()
-    with B.sigint_stops(stop, say), (bar or _null()):
-        if ray is not None:
-            from aldm.batch_ray import run_ray
+    try:
+        with B.sigint_stops(stop, say), (bar or _null()):
+            if ray is not None:
+                from aldm.batch_ray import run_ray
 
-            opts = dataclasses.asdict(translator.options) | {"out_dir": None}
-            records = run_ray(translator.pipeline.model.path, opts, source, cases, out, address=ray,
-                              workers=workers, backend=backend, threads=threads or 1, on_event=on_event)
-        else:
-            records = B.run_local(translator, source, cases, out, prefetch=prefetch, on_event=on_event, stop=stop)
-    summary = B.summarise(records, time.perf_counter() - t0)
-    j, c = B.write_report(records, summary, out)
+                opts = dataclasses.asdict(translator.options) | {"out_dir": None}
+                records = run_ray(translator.pipeline.model.path, opts, source, cases, out, address=ray,
+                                  workers=workers, backend=backend, threads=threads or 1, on_event=on_event,
+                                  stop=stop, limits=limits)
+            else:
+                records = B.run_local(translator, source, cases, out, prefetch=prefetch, on_event=on_event,
+                                      stop=stop, limits=limits)
+    except KeyboardInterrupt:
+        summary, j, c = journal.finish()
+        say(f"aborted: {summary['done']} done before the second interrupt; report: {j}")
+        return 130
+    try:
+        summary, j, c = journal.finish()
+    except AldmError as exc:
+        fail(f"the batch ran but its report could not be written: {exc}")
     if not quiet:
         m = summary["mean_s_per_case"]
         say(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed, "

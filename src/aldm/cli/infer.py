@@ -40,11 +40,16 @@ def infer(
     ray: Annotated[bool, typer.Option("--ray", help="Batch: spread cases over a Ray cluster (a local one unless --ray-address), one model per worker, a GPU each when the cluster has them.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="Batch with --ray: the cluster to join (e.g. 10.0.0.5:6379 or auto).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Batch with --ray: number of workers. Default: one per GPU, else per CPU.")] = None,
+    max_voxels: Annotated[int, typer.Option(help="Refuse a source whose header declares more voxels, before reading its data (a corrupt or hostile header can claim any size).")] = 1024**3,
+    max_member_mb: Annotated[int, typer.Option(help="Batch archives: refuse a member larger than this once extracted.")] = 4096,
+    max_extract_gb: Annotated[int, typer.Option(help="Batch archives: stop extracting after this many GB in one batch (zip bombs; members are also refused above a 1000:1 compression ratio).")] = 1024,
 ) -> None:
     """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
+    from aldm.cli._common import ignore_file_size_signal
     from aldm.infer import Options, Translator, default_model_dir
     from aldm.runtime.pipeline import Pipeline
 
+    ignore_file_size_signal()
     mods = ("t1", "t1ce", "t2", "flair")
     target_list = split_list(targets) or [m for m in mods if m != source_modality]
     if batch is not None and sources:
@@ -53,9 +58,12 @@ def infer(
         fail("no sources given (or use --batch INPUT)", 2)
     if batch is not None and out is None:
         fail("--batch needs --out DIR", 2)
+    if min(max_voxels, max_member_mb, max_extract_gb) < 1:
+        fail("--max-voxels, --max-member-mb and --max-extract-gb must be positive", 2)
     try:
         opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
-                       source_modality.lower(), naming, intensity, overwrite, preview, strength=strength)
+                       source_modality.lower(), naming, intensity, overwrite, preview, strength=strength,
+                       max_voxels=max_voxels)
         pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
                                  decode_batch=decode_batch)
         translator = Translator(pipeline, opts)
@@ -66,11 +74,13 @@ def infer(
     except AldmError as exc:
         fail(str(exc), exc.exit_code)
     if batch is not None:
+        from aldm.batch import ArchiveLimits
         from aldm.cli.batch_cmd import run_batch
 
+        limits = ArchiveLimits(member_bytes=max_member_mb << 20, total_bytes=max_extract_gb << 30)
         raise typer.Exit(run_batch(translator, batch, out, prefetch=prefetch,
                                    ray=(ray_address or "local") if ray else None, workers=workers,
-                                   backend=backend, threads=threads, quiet=quiet))
+                                   backend=backend, threads=threads, quiet=quiet, limits=limits))
 
     failed = 0
     with _progress(quiet) as bar:
@@ -99,6 +109,12 @@ def infer(
                 failed += 1
                 typer.echo(f"error: {src}: out of memory (try --decode-batch 1 or another backend)", err=True)
                 continue
+            except Exception as exc:  # any other failure of this source: say which, go on to the next
+                failed += 1
+                from aldm.batch import _reason
+
+                typer.echo(f"error: {src}: {_reason(exc)}", err=True)
+                continue
             if bar:
                 bar.update(task, description=f"{src.name}: done", visible=False)
             for w in res.warnings:
@@ -107,7 +123,8 @@ def infer(
                 outs = ", ".join(str(p) for p in res.outputs.values())
                 say(f"{src} -> {outs} ({res.timings['total']:.1f} s)")
     if failed:
-        typer.echo(f"error: {failed} of {len(sources)} source(s) failed", err=True)
+        if len(sources) > 1:  # one source: its own error line already says everything
+            typer.echo(f"error: {failed} of {len(sources)} source(s) failed", err=True)
         raise typer.Exit(1)
 
 

@@ -28,3 +28,7 @@ app.command(name="eval")(eval)
 def version() -> None:
     """Print the aldm version."""
     typer.echo(aldm.__version__)
+
+
+if __name__ == "__main__":
+    app()
