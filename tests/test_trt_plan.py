@@ -3,7 +3,10 @@ precision plans, the FP16 copy, backend order and out-of-memory fallback."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -76,10 +79,155 @@ def test_without_tensorrt_the_backend_says_why(tiny_export):
         trt.make_runners(md)
 
 
-def test_auto_order():
+def test_auto_order_given_the_probe_results():
+    """Only the ordering: both probes are given (the probes themselves are tested below)."""
     assert auto_order(None, trt_ok=True, cuda_ok=True) == ["trt", "ort-cuda", "ort-cpu"]
     assert auto_order(None, trt_ok=False, cuda_ok=True) == ["ort-cuda", "ort-cpu"]
     assert auto_order(None, trt_ok=False, cuda_ok=False) == ["ort-cpu"]
+
+
+class FakeTensorRT(types.ModuleType):
+    """Just enough of `tensorrt` to build (FP32, no pinned layers) and deserialise engines; every
+    build and deserialisation is recorded."""
+
+    def __init__(self):
+        super().__init__("tensorrt")
+        self.__version__ = "10.99.0"
+        self.built, self.deserialized, self.flags = [], [], []
+        fake = self
+        ns = types.SimpleNamespace
+        self.MemoryPoolType = ns(WORKSPACE="WORKSPACE")
+        self.BuilderFlag = ns(TF32="TF32", FP16="FP16", INT8="INT8", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
+                              OBEY_PRECISION_CONSTRAINTS="OBEY")
+        self.TensorIOMode = ns(INPUT="INPUT", OUTPUT="OUTPUT")
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level=None):
+                pass
+
+        class Config:
+            def set_memory_pool_limit(self, *a):
+                pass
+
+            def clear_flag(self, flag):
+                pass
+
+            def set_flag(self, flag):
+                fake.flags.append(flag)
+
+            def add_optimization_profile(self, prof):
+                pass
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return ns(num_layers=0)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return ns(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                blob = f"engine {len(fake.built)}".encode() * 20
+                fake.built.append(blob)
+                return blob
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                return True
+
+        class Engine:
+            num_io_tensors = 0
+
+            def create_execution_context(self):
+                return object()
+
+        class Runtime:
+            def __init__(self, logger):
+                self.engine_host_code_allowed = False
+
+            def deserialize_cuda_engine(self, data):
+                fake.deserialized.append((bytes(data), self.engine_host_code_allowed))
+                return Engine()
+
+        self.Logger, self.Builder, self.OnnxParser, self.Runtime = Logger, Builder, OnnxParser, Runtime
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tiny_export, tmp_path):
+    """A copy of the tiny model on a machine with a fake TensorRT and a fake GPU."""
+    import shutil
+
+    import aldm.runtime.cuda as cuda
+
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(cuda, "gpu_info", lambda device=0: cuda.GpuInfo("Fake GPU", "9.0", 80.0))
+
+    class Stream:
+        def destroy(self):
+            pass
+
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    d = tmp_path / "m"
+    shutil.copytree(tiny_export, d)
+    return fake, d
+
+
+@pytest.mark.parametrize("version_compatible", [False, True])
+def test_built_engines_are_registered_and_loaded_only_as_registered(fake_gpu, version_compatible):
+    from aldm.runtime.trt_build import build_engines
+
+    fake, d = fake_gpu
+    stale = d / trt.ENGINE_DIR / ".unet.fp32.partial-1-abcd.plan"  # left by a killed build
+    stale.parent.mkdir()
+    stale.write_bytes(b"half an engine")
+    docs = build_engines(d, trt.BuildOptions("fp32", 2, version_compatible=version_compatible), say=lambda s: None)
+    assert not stale.exists()
+    assert sorted(p.name for p in (d / trt.ENGINE_DIR).iterdir()) == sorted(
+        f"{c}.fp32.plan{ext}" for c in docs for ext in ("", ".json"))  # no temporary files left
+    for c, blob in zip(docs, fake.built):
+        assert docs[c]["engine_sha256"] == hashlib.sha256(blob).hexdigest()  # the bytes built
+        assert (d / trt.ENGINE_DIR / f"{c}.fp32.plan").read_bytes() == blob
+    assert ("VERSION_COMPATIBLE" in fake.flags) == version_compatible
+    md = ModelDir(d)
+    assert trt.engines_usable(md, "fp32")
+    assert auto_order(md, "fp32")[0] == "trt"  # the real probe, not a given answer
+    runners = trt.make_runners(md, precision="fp32")
+    for r in runners.values():
+        r.activate()
+    assert [b for b, _ in fake.deserialized] == fake.built
+    assert {h for _, h in fake.deserialized} == {version_compatible}  # host code only if built so
+    # a rebuild with the same options reuses every engine (nothing built)
+    build_engines(d, trt.BuildOptions("fp32", 2, version_compatible=version_compatible), say=lambda s: None)
+    assert len(fake.built) == 4
+
+
+def test_a_tampered_engine_is_stale_for_the_probe_and_refused_by_the_runner(fake_gpu):
+    from aldm.runtime.trt_build import build_engines
+
+    fake, d = fake_gpu
+    build_engines(d, trt.BuildOptions("fp32", 2), say=lambda s: None)
+    md = ModelDir(d)
+    runners = trt.make_runners(md, precision="fp32")
+    engine = d / trt.ENGINE_DIR / "unet.fp32.plan"
+    engine.write_bytes(b"x" + engine.read_bytes()[1:])  # changed after the runners were made
+    with pytest.raises(BackendError, match="unet.fp32.plan: sha256 does not match"):
+        runners["unet"].activate()
+    assert fake.deserialized == []
+    assert not trt.engines_usable(md, "fp32")
+    assert "trt" not in auto_order(md, "fp32")
+    with pytest.raises(BackendError, match="no current fp32 TensorRT engines"):
+        trt.make_runners(md, precision="fp32")
 
 
 class _Fake:

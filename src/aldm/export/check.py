@@ -127,16 +127,20 @@ def polygraphy_compare(model_dir: ModelDir, component: str, precision: str,
     """Polygraphy's Comparator: ONNX Runtime (FP32 graph) vs the TensorRT engine, same feeds."""
     try:
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.backend.trt import TrtRunner
         from polygraphy.comparator import Comparator
     except ImportError:
         return []
-    from aldm.runtime.trt import engine_paths
+    from aldm.runtime.trt import engine_paths, load_engine
 
     engine, _ = engine_paths(model_dir, component, precision)
+    # the same checked load as the runtime: registered sha256 of the bytes read, host code only
+    # for version-compatible engines (keep `runtime` alive while the engine runs)
+    runtime, trt_engine = load_engine(engine)
     runners = [OnnxrtRunner(SessionFromOnnx(str(model_dir.component_file(component)))),
-               TrtRunner(EngineFromBytes(engine.read_bytes()))]
+               TrtRunner(trt_engine)]
     results = Comparator.run(runners, data_loader=[dict(feeds)])
+    del runtime
     (ort_name, ort_iters), (trt_name, trt_iters) = results[0], results[1]
     out = []
     for name in ort_iters[0].keys():

@@ -3,6 +3,10 @@
 The manifest is the single source of truth for everything downstream (run, check, bench,
 build, calibrate): component I/O specs, latent shape and scale, modality order,
 preprocessing, noise schedule, default sampler settings, sha256 of every file, tool versions.
+
+Every file a manifest names (its `files`, each component's file, the schedule file, every variant
+file) must be a plain file name inside the folder, listed with its sha256 in `files`, and not a
+symbolic link: checked whenever a ModelDir opens, before anything is hashed or opened.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
+from aldm.atomic import write_text
 from aldm.errors import ModelError
 
 FORMAT = "aldm-model"
@@ -172,6 +177,47 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def unsafe_name(name: Any) -> str | None:
+    """Why `name` is not a plain file name inside a folder, or None if it is one."""
+    if not isinstance(name, str):
+        return f"not a string ({type(name).__name__})"
+    if not name:
+        return "empty"
+    if "/" in name or "\\" in name:
+        return "a path, not a file name"
+    if ".." in name:
+        return "contains '..'"
+    if name == "." or "\x00" in name or Path(name).is_absolute() or PureWindowsPath(name).drive:
+        return "not a plain file name"
+    return None
+
+
+def named_files(m: Manifest) -> list[tuple[str, Any]]:
+    """(where in the manifest, file name) for every file the manifest names."""
+    out: list[tuple[str, Any]] = [("files", f) for f in m.files]
+    out += [(f"components.{k}.file", c.file) for k, c in m.components.items()]
+    out.append(("schedule.file", m.schedule.file))
+    out += [(f"variants.{p}.{k}", f) for p, v in m.variants.items() for k, f in v.items()]
+    return out
+
+
+def check_names(folder: Path, m: Manifest) -> None:
+    """Raise ModelError unless every file the manifest names is a plain file name inside `folder`,
+    hashed in `files`, and not a symbolic link. Opens and hashes nothing."""
+    mpath = folder / MANIFEST
+    for where, name in named_files(m):
+        why = unsafe_name(name)
+        if why is not None:
+            raise ModelError(f"{mpath}: {where} names {name!r}, which is {why}; a model folder lists "
+                             f"only plain file names inside it")
+        if name not in m.files:
+            raise ModelError(f"{mpath}: {where} names {name!r}, which is not hashed in the manifest's files")
+    for name in m.files:
+        if (folder / name).is_symlink():
+            raise ModelError(f"{folder / name}: is a symbolic link; a model folder holds its files "
+                             f"itself ({name!r} must be a regular file)")
+
+
 class ModelDir:
     """An exported model folder, opened and (by default) verified against its manifest hashes."""
 
@@ -187,11 +233,13 @@ class ModelDir:
         missing = [c for c in COMPONENTS if c not in self.manifest.components]
         if missing:
             raise ModelError(f"{mpath}: no component {', '.join(missing)}")
+        check_names(self.path, self.manifest)  # before anything is hashed or opened
         if verify:
             self.verify()
 
     def verify(self) -> None:
         """Raise ModelError if any file is missing or its sha256 differs from the manifest."""
+        check_names(self.path, self.manifest)
         for name, digest in self.manifest.files.items():
             path = self.path / name
             if not path.is_file():
@@ -200,6 +248,10 @@ class ModelDir:
                 raise ModelError(f"{path}: sha256 does not match the manifest (corrupted or replaced)")
 
     def file(self, name: str) -> Path:
+        """The path of a file of the folder; `name` must be a plain file name."""
+        why = unsafe_name(name)
+        if why is not None:
+            raise ModelError(f"{self.path}: {name!r} is {why}; a model folder holds only plain file names")
         return self.path / name
 
     def component(self, name: str) -> ComponentSpec:
@@ -215,24 +267,27 @@ class ModelDir:
             return self.file(self.component(name).file)
         files = self.manifest.variants.get(precision)
         if not files or name not in files:
-            from aldm.errors import ModelError
-
             raise ModelError(f"{self.path} has no {precision} {name}; available: {', '.join(self.precisions)}")
         return self.file(files[name])
 
     def add_variant(self, precision: str, files: dict[str, str]) -> None:
-        """Register files written into the folder as a precision variant; rewrite the manifest."""
+        """Register files written into the folder as a precision variant; rewrite the manifest
+        (atomically: a crash leaves the old manifest or the new one)."""
         m = self.manifest
+        for name in files.values():
+            self.file(name)  # plain names only
+            if self.file(name).is_symlink():
+                raise ModelError(f"{self.file(name)}: is a symbolic link; a model folder holds its files itself")
         variants = dict(m.variants) | {precision: dict(files)}
         used = {c.file for c in m.components.values()} | {m.schedule.file}
         used |= {f for v in variants.values() for f in v.values()}
         stale = [f for f in m.variants.get(precision, {}).values() if f not in used]
         hashes = {f: h for f, h in m.files.items() if f not in stale}
         hashes |= {f: sha256_file(self.file(f)) for f in files.values()}
-        self.manifest = dataclasses.replace(m, files=hashes, variants=variants)
-        tmp = self.file(MANIFEST + ".partial")
-        tmp.write_text(self.manifest.to_json())
-        tmp.replace(self.file(MANIFEST))
+        new = dataclasses.replace(m, files=hashes, variants=variants)
+        check_names(self.path, new)
+        write_text(self.file(MANIFEST), new.to_json())
+        self.manifest = new
         for f in stale:  # a replaced variant's files no longer belong to the model
             self.file(f).unlink(missing_ok=True)
 

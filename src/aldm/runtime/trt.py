@@ -4,12 +4,20 @@ runner. Engines are built by `aldm build` (`aldm.runtime.trt_build`).
 An engine is current only if its JSON sidecar matches, field for field, the key it would be
 built with now: sha256 of the ONNX bytes, precision, optimisation profile, build flags,
 TensorRT version, GPU name and compute capability. Anything else is stale.
+
+The sidecar is also the engine's registration: its `engine_sha256` is the only thing that lets a
+plan be deserialised. TrtRunner reads the engine once, hashes those bytes, compares them with the
+registered sha256 and only then hands the same bytes to TensorRT; a plan without a sidecar is
+never loaded, and embedded host code (the lean runtime of a version-compatible engine) is allowed
+only when the sidecar's build options say `version_compatible`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,13 +68,21 @@ def key_digest(key: Mapping[str, Any]) -> str:
 
 
 def engine_paths(model: ModelDir, component: str, precision: str) -> tuple[Path, Path]:
+    if component not in COMPONENTS or precision not in PRECISIONS:
+        raise BackendError(f"no engine for {component!r} at precision {precision!r}; components: "
+                           f"{', '.join(COMPONENTS)}, precisions: {', '.join(PRECISIONS)}")
     base = model.path / ENGINE_DIR / f"{component}.{precision}.plan"
-    return base, base.with_name(base.name + ".json")
+    return base, sidecar_path(base)
+
+
+def sidecar_path(engine: Path) -> Path:
+    """Where an engine is registered: `<engine>.json` beside it."""
+    return engine.with_name(engine.name + ".json")
 
 
 def is_current(sidecar: Path, key: Mapping[str, Any], engine: Path) -> bool:
     """True only if the sidecar records exactly `key` and the engine bytes it hashed."""
-    if not (sidecar.is_file() and engine.is_file()):
+    if sidecar.is_symlink() or engine.is_symlink() or not (sidecar.is_file() and engine.is_file()):
         return False
     try:
         doc = json.loads(sidecar.read_text())
@@ -100,6 +116,8 @@ def current_key(model: ModelDir, component: str, options: BuildOptions) -> dict[
 
 def read_options(model: ModelDir, precision: str) -> BuildOptions | None:
     """The options the engines of a precision were built with (from the UNet's sidecar)."""
+    if precision not in PRECISIONS:
+        return None
     _, side = engine_paths(model, "unet", precision)
     try:
         return BuildOptions(**json.loads(side.read_text())["options"])
@@ -120,15 +138,83 @@ def engines_usable(model: ModelDir, precision: str = "fp16") -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What the sidecar says about an engine: its sha256 and the options it was built with."""
+
+    engine_sha256: str
+    options: BuildOptions
+
+
+def registration(engine: Path) -> Registration:
+    """The registration of `engine` from its sidecar; BackendError if it has none or a broken one."""
+    side = sidecar_path(engine)
+    if side.is_symlink() or not side.is_file():
+        raise BackendError(f"{engine} is not registered (no {side.name} beside it); "
+                           f"only engines built by `aldm build` are loaded")
+    try:
+        doc = json.loads(side.read_text())
+        digest, options = doc["engine_sha256"], BuildOptions(**doc["options"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"{engine} is not registered: unreadable {side.name} ({exc})") from None
+    if not (isinstance(digest, str) and len(digest) == 64):
+        raise BackendError(f"{engine} is not registered: {side.name} has no engine sha256")
+    return Registration(digest.lower(), options)
+
+
+def read_engine(path: Path) -> bytes:
+    """The bytes of a regular file, read once through one descriptor; a symbolic link is refused."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if Path(path).is_symlink():
+            raise BackendError(f"{path}: is a symbolic link; engines are loaded only from regular files") from None
+        raise BackendError(f"cannot read engine {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BackendError(f"{path}: not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 24):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def load_engine(path: Path, reg: Registration | None = None):
+    """Deserialise a registered engine: read once, hash those bytes, compare with the registered
+    sha256, then deserialise the same bytes. Returns (runtime, engine); keep the runtime alive."""
+    import tensorrt as trt
+
+    path = Path(path)
+    reg = reg or registration(path)
+    data = read_engine(path)
+    if hashlib.sha256(data).hexdigest() != reg.engine_sha256:
+        raise BackendError(f"{path}: sha256 does not match its registration in {sidecar_path(path).name} "
+                           f"(changed after it was built); rebuild it with `aldm build`")
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    # a version-compatible engine embeds a lean runtime (host code): allowed for those alone
+    runtime.engine_host_code_allowed = bool(reg.options.version_compatible)
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise BackendError(f"TensorRT could not deserialize {path}")
+    return runtime, engine
+
+
 def make_runners(model: ModelDir, *, precision: str = "fp16") -> dict[str, "TrtRunner"]:
     if tensorrt_version() is None:
         raise BackendError("TensorRT is not installed (pip install 'aldm[gpu]' from NVIDIA's index)")
     if not engines_usable(model, precision):
         raise BackendError(f"no current {precision} TensorRT engines for {model.path} on this GPU "
                            f"and TensorRT version; build them with `aldm build {model.path}`")
-    options = read_options(model, precision)
-    return {c: TrtRunner(engine_paths(model, c, precision)[0], model.component(c),
-                         cuda_graph=options.cuda_graph and c == "unet") for c in COMPONENTS}
+    runners = {}
+    for c in COMPONENTS:
+        engine = engine_paths(model, c, precision)[0]
+        reg = registration(engine)
+        runners[c] = TrtRunner(engine, model.component(c), cuda_graph=reg.options.cuda_graph and c == "unet",
+                               registration=reg)
+    return runners
 
 
 _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "INT8": np.int8,
@@ -136,12 +222,16 @@ _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.i
 
 
 class TrtRunner:
-    """One engine behind the runner protocol; device buffers via cuda-python, optional CUDA graph."""
+    """One engine behind the runner protocol; device buffers via cuda-python, optional CUDA graph.
 
-    def __init__(self, engine_path: Path, spec: ComponentSpec, *, cuda_graph: bool = False):
+    The engine must be registered (its sidecar, or `registration`): see `load_engine`."""
+
+    def __init__(self, engine_path: Path, spec: ComponentSpec, *, cuda_graph: bool = False,
+                 registration: Registration | None = None):
         self.path, self.spec, self.cuda_graph = Path(engine_path), spec, cuda_graph
+        self.registration = registration
         self.name = "trt"
-        self.engine = self.context = self.stream = None
+        self.engine = self.context = self.stream = self.runtime = None
         self.buffers: dict[str, Any] = {}
         self._graph = None
         self._graph_shapes = None
@@ -153,12 +243,7 @@ class TrtRunner:
 
         from aldm.runtime.cuda import Stream
 
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        runtime.engine_host_code_allowed = True  # version-compatible engines embed a lean runtime
-        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise BackendError(f"TensorRT could not deserialize {self.path}")
+        self.runtime, self.engine = load_engine(self.path, self.registration)
         self.context = self.engine.create_execution_context()
         self.stream = Stream()
         self._io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -216,7 +301,7 @@ class TrtRunner:
             buf.free()
         self.buffers.clear()
         self._graph = None
-        self.context = self.engine = None
+        self.context = self.engine = self.runtime = None
         if self.stream is not None:
             self.stream.destroy()
             self.stream = None

@@ -4,19 +4,22 @@ Explicit optimisation profiles (batch 1..max_targets, spatial dims from the mani
 INT8 builds keep the precision plan's layers (norms, softmax, quantizer, time embedding) in FP32
 with precision constraints; TF32 is off (the quantizer's argmin must not see TF32 matmuls).
 Engines are cached by content (`aldm.runtime.trt`): a current engine is reused, anything
-else is rebuilt.
+else is rebuilt. Engines, sidecars and the timing cache are written atomically (temporary name,
+fsync, rename); the sidecar, which registers the engine's sha256, is written after the engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
+from aldm.atomic import clean_partials, write_bytes, write_text
 from aldm.errors import BackendError
-from aldm.runtime.manifest import COMPONENTS, ModelDir, sha256_file
-from aldm.runtime.trt import (BuildOptions, current_key, engine_paths, is_current, profile,
+from aldm.runtime.manifest import COMPONENTS, ModelDir
+from aldm.runtime.trt import (ENGINE_DIR, BuildOptions, current_key, engine_paths, is_current, profile,
                               sidecar_doc)
 
 
@@ -96,19 +99,20 @@ def build_component(model: ModelDir, component: str, options: BuildOptions, *,
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise BackendError(f"TensorRT failed to build {component} ({options.precision})")
+    data = bytes(blob)
     engine.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine.with_name(engine.name + ".partial")
-    tmp.write_bytes(bytes(blob))
-    tmp.replace(engine)
+    side.unlink(missing_ok=True)  # no registration points at the old engine while it is replaced
+    write_bytes(engine, data)
     if cache is not None:
-        timing_cache.write_bytes(bytes(cache.serialize()))
-    doc = sidecar_doc(key, options, sha256_file(engine), time.perf_counter() - t0)
-    side.write_text(json.dumps(doc, indent=1))
+        write_bytes(timing_cache, bytes(cache.serialize()))
+    doc = sidecar_doc(key, options, hashlib.sha256(data).hexdigest(), time.perf_counter() - t0)
+    write_text(side, json.dumps(doc, indent=1))  # registers the bytes just written
     return doc
 
 
 def build_engines(model_dir: str | Path, options: BuildOptions, *, timing_cache: Path | None = None,
                   calib_dir: Path | None = None, say: Callable[[str], None] = print) -> dict[str, dict]:
     model = ModelDir(model_dir)
+    clean_partials(model.path / ENGINE_DIR)  # what a killed build left behind
     return {c: build_component(model, c, options, timing_cache=timing_cache, calib_dir=calib_dir, say=say)
             for c in COMPONENTS}
