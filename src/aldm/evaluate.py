@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from aldm.atomic import write_text
+
 
 def normalise(v: np.ndarray, mask: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
     lo, hi = np.percentile(v[mask], percentiles)
@@ -120,8 +122,8 @@ def write_reports(rows: Sequence[Row], out_prefix: str | Path) -> tuple[Path, Pa
     all_rows = list(rows) + summarise(rows)
     csv_path = out_prefix.with_suffix(".csv")
     md_path = out_prefix.with_suffix(".md")
-    csv_path.write_text(to_csv(all_rows))
-    md_path.write_text(to_markdown(all_rows))
+    write_text(csv_path, to_csv(all_rows))  # atomic: temporary name, fsync, rename
+    write_text(md_path, to_markdown(all_rows))
     return csv_path, md_path
 
 

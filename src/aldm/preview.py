@@ -12,6 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
+from aldm.atomic import write_bytes
+
 
 def write_png(path: str | Path, gray: np.ndarray) -> None:
     """8-bit grayscale PNG from a 2-D uint8 array (rows top to bottom)."""
@@ -23,7 +25,7 @@ def write_png(path: str | Path, gray: np.ndarray) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    write_bytes(path, png)  # atomic: temporary name, fsync, rename
 
 
 def _to_uint8(v: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from aldm.atomic import atomic_path, clean_partials
 from aldm.nifti import load_volume
 from aldm.preprocess import preprocess
 from aldm.runtime.manifest import COMPONENTS, ModelDir
@@ -39,12 +40,13 @@ def collect(model_dir: str | Path, sources: Sequence[str | Path], out: str | Pat
             targets: Sequence[str] | None = None, steps: int | None = None, seed: int = 0,
             say: Callable[[str], None] = print) -> dict[str, int]:
     """Translate each source with the FP32 ORT pipeline, saving every component call's inputs as
-    `out/<component>_<n>.npz`. Returns the number of samples (batch rows) per component."""
+    `out/<component>_<n>.npz` (each written atomically). Returns the number of samples (batch rows) per component."""
     from aldm.runtime.backends import make_runners
 
     md = ModelDir(model_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_partials(out)
     sinks: dict[str, list] = {c: [] for c in COMPONENTS}
     runners = {c: RecordingRunner(r, sinks[c]) for c, r in make_runners(md, "ort-cpu").items()}
     pipe = Pipeline(md, runners)
@@ -57,7 +59,8 @@ def collect(model_dir: str | Path, sources: Sequence[str | Path], out: str | Pat
         pipe.translate(x, targets, steps=steps, seed=seed + i)
         for c, calls in sinks.items():
             for feeds in calls:
-                np.savez(out / f"{c}_{counts[c]:05d}.npz", **feeds)
+                with atomic_path(out / f"{c}_{counts[c]:05d}.npz") as tmp:
+                    np.savez(tmp, **feeds)
                 counts[c] += 1
             calls.clear()
     return counts

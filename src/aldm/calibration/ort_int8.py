@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from aldm.atomic import atomic_path
 from aldm.calibration.collect import load_samples
 from aldm.runtime.manifest import COMPONENTS, ModelDir
 
@@ -43,7 +44,8 @@ def held_out_feeds(calib: str | Path, component: str, batch: int, max_samples: i
 
 def quantize_component(src: Path, dst: Path, samples: list[dict[str, np.ndarray]], *,
                        max_samples: int = 64, seed: int = 0) -> list[str]:
-    """Write an INT8 QDQ copy of `src`; returns the nodes kept in float."""
+    """Write an INT8 QDQ copy of `src` (atomically, one self-contained file); returns the nodes
+    kept in float."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
@@ -61,11 +63,12 @@ def quantize_component(src: Path, dst: Path, samples: list[dict[str, np.ndarray]
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, op_types_to_quantize=["Conv", "MatMul"],
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    with atomic_path(dst) as tmp:
+        quantize_static(str(src), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude, op_types_to_quantize=["Conv", "MatMul"],
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=False,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     return exclude
 
 

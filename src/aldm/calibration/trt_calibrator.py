@@ -1,5 +1,6 @@
 """TensorRT INT8 entropy calibrator over the recorded component inputs, with a calibration cache
-(a rebuild on the same data skips calibration). Needs tensorrt and cuda-python."""
+(a rebuild on the same data skips calibration, written atomically). Needs tensorrt and
+cuda-python."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aldm.atomic import write_bytes
 from aldm.calibration.collect import load_samples
 from aldm.runtime.manifest import ComponentSpec
 
@@ -48,6 +50,6 @@ def make_calibrator(calib_dir: Path, component: str, spec: ComponentSpec, cache_
             return cache_file.read_bytes() if cache_file.exists() else None
 
         def write_calibration_cache(self, cache):
-            cache_file.write_bytes(bytes(cache))
+            write_bytes(cache_file, bytes(cache))
 
     return EntropyCalibrator()

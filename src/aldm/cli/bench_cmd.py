@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from aldm.atomic import write_text
 from aldm.cli._common import handle_errors, say, split_list
 
 
@@ -38,4 +39,4 @@ def bench(
                          progress=say)
     typer.echo(format_report(result))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=1))
+        write_text(json_out, json.dumps(result, indent=1))

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from aldm.atomic import write_text
 from aldm.cli._common import handle_errors, say, split_list
 
 
@@ -45,7 +46,7 @@ def check(
         typer.echo(str(r))
     passed = bool(report) and all(e2e_results)
     if json_out:
-        json_out.write_text(json.dumps({
+        write_text(json_out, json.dumps({
             "passed": passed, "inputs": report.inputs, "skipped": report.skipped,
             "results": [{"component": r.component, "backend": r.backend, "max_abs": r.max_abs,
                          "max_rel": r.max_rel, "rtol": r.tolerance.rtol, "code_agreement": r.code_agreement,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 import aldm
+from aldm.atomic import atomic_path, write_text
 from aldm.errors import AldmError, UsageError
 from aldm.export.trt_compat import check_file
 from aldm.models.aldm import ALDM
@@ -124,7 +127,8 @@ def _export_one(model: ALDM, spec: ComponentSpec, path: Path, opset: int) -> Non
     proto = onnx.load(str(path))
     stabilise_norms(proto)  # ORT's own norm kernels lose ~1e-3 on full-resolution groups
     strip_debug_metadata(proto)
-    onnx.save(proto, str(path))
+    with atomic_path(path) as tmp:  # one self-contained file (the graphs stay far below 2 GB)
+        onnx.save(proto, str(tmp))
 
 
 DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
@@ -185,7 +189,8 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                 if offenses:
                     lines = "; ".join(map(str, offenses[:10]))
                     raise AldmError(f"{spec.file} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
-        np.savez(tmp / SCHEDULE_FILE, **model.schedule())
+        with atomic_path(tmp / SCHEDULE_FILE) as part:
+            np.savez(part, **model.schedule())
         files = {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())}
         manifest = Manifest(
             components=specs, latent_shape=latent_shape(model, crop), files=files,
@@ -198,15 +203,35 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
             source=source or {}, tools=_tool_versions(opset),
             latent_bounds=codebook_bounds(model) if bound_latents else None,
         )
-        (tmp / MANIFEST).write_text(manifest.to_json())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        write_text(tmp / MANIFEST, manifest.to_json())
         tmp.chmod(0o755)
-        tmp.rename(out_dir)
+        _replace_dir(tmp, out_dir)
         return manifest
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, dst: Path) -> None:
+    """Put the finished folder `new` at `dst`; an existing `dst` is moved aside first and removed
+    only once `new` is in place, so a crash leaves the old model or the new one at `dst`."""
+    from aldm.atomic import write_error
+
+    old = None
+    try:
+        if dst.exists() or dst.is_symlink():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            dst.rename(old)
+        new.rename(dst)
+    except OSError as exc:
+        if old is not None and not dst.exists():
+            old.rename(dst)
+        raise write_error(dst, exc) from None
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def codebook_bounds(model: ALDM) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -133,7 +133,10 @@ def to_fp16(src: str | Path, dst: str | Path) -> int:
     g.ClearField("value_info")
     for init in [i for i in g.initializer if i.name in unused]:
         g.initializer.remove(init)
-    onnx.save(model, str(dst))
+    from aldm.atomic import atomic_path
+
+    with atomic_path(dst) as tmp:  # external data (if the source had any) was loaded: one file
+        onnx.save(model, str(tmp))
     return len(keep)
 
 

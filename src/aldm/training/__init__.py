@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from aldm.atomic import atomic_path, clean_partials, write_text
 from aldm.errors import UsageError
 from aldm.models.aldm import VQModel
 from aldm.models.config import LDMConfig
@@ -35,13 +36,14 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         torch.set_num_threads(threads)
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
+    clean_partials(run)  # temporary files a killed run left
     deadline = time.monotonic() + 60 * max_minutes
     train, val = split(find_cases(data), val_cases)
     split_file = run / "split.json"
     names = {"train": [c.name for c in train], "validation": [c.name for c in val]}
     if split_file.exists() and json.loads(split_file.read_text()) != names:
         raise UsageError(f"{split_file} holds another split; use a new --run folder")
-    split_file.write_text(json.dumps(names, indent=1))
+    write_text(split_file, json.dumps(names, indent=1))
     say(f"{len(train)} training cases, {len(val)} held out: {', '.join(names['validation'])}")
     cache = cache_cases(train, run / "cache", preprocessing or Preprocessing(), say=say)
     cfg = config
@@ -60,7 +62,9 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         if not latents_file.exists():
             from aldm.training.stages import encode_cases
 
-            torch.save(encode_cases(vq, cache, say), latents_file)
+            latents = encode_cases(vq, cache, say)
+            with atomic_path(latents_file) as tmp:
+                torch.save(latents, tmp)
         latents = torch.load(latents_file)
     if 2 in stages and not _done(run, 2, budgets):
         status[2] = train_stage2(run, latents, cfg, vq, budget=budgets[2], max_minutes=left(), **kw)

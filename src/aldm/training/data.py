@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from aldm import MODALITIES
 from aldm import MODALITY_ALIASES as ALIASES
+from aldm.atomic import atomic_path
 from aldm.errors import InputError
 from aldm.nifti import load_volume
 from aldm.preprocess import preprocess, replay
@@ -77,9 +78,8 @@ def cache_cases(cases: list[Case], cache: Path, pre: Preprocessing, say=print) -
         if not path.exists():
             say(f"preprocessing {case.name}")
             vols, record = prepare_case(case, pre)
-            tmp = cache / f".{case.name}.partial.npz"
-            np.savez(tmp, vols=vols.astype(np.float16), record=json.dumps(record))
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                np.savez(tmp, vols=vols.astype(np.float16), record=json.dumps(record))
         out.append(path)
     return out
 

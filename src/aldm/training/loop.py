@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aldm.atomic import atomic_path
 from aldm.models.checkpoint import read_checkpoint, save_official
 
 
@@ -61,12 +62,10 @@ class Loop:
             return
         with open(self._log_path, newline="") as f:
             rows = list(csv.reader(f))
-        keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) < self.state.step]
+        keep = rows[:1] + [r for r in rows[1:] if _step_row(r, rows[0]) < self.state.step]
         if len(keep) < len(rows):
-            tmp = self._log_path.with_suffix(".csv.partial")
-            with open(tmp, "w", newline="") as f:
+            with atomic_path(self._log_path) as tmp, open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(keep)
-            tmp.replace(self._log_path)
 
     def __iter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -112,6 +111,14 @@ class Loop:
         if self._bar:
             info = " ".join(f"{k} {v:.4f}" for k, v in values.items())
             self._bar.update(self._task, completed=self.state.step + 1, info=info)
+
+
+def _step_row(row: list[str], header: list[str]) -> float:
+    """The step of a logged row; inf (dropped) for a row a killed run left half-written."""
+    try:
+        return int(row[0]) if len(row) >= len(header) else float("inf")
+    except (ValueError, IndexError):
+        return float("inf")
 
 
 def save_stage(path: Path, state_dict: dict[str, torch.Tensor], state: TrainState, *,
