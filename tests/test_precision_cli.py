@@ -17,9 +17,28 @@ from conftest import synthetic_volume, write_nifti
 
 
 def run(*args):
+    """Invoke the CLI; an exception other than a deliberate exit fails the test. (CliRunner
+    catches exceptions into `res.exception` and never prints a traceback into `res.output`.)"""
     res = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == 0 or "error: " in res.output or "FAIL" in res.output, res.output
     return res
+
+
+def test_the_helper_sees_a_crash(tiny_export, tmp_path, monkeypatch):
+    """A command that crashes (not an AldmError) must fail `run`, though no traceback is printed."""
+    import aldm.export.precision as precision
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(precision, "add_fp16_variant", boom)
+    d = tmp_path / "model"
+    shutil.copytree(tiny_export, d)
+    res = CliRunner().invoke(app, ["build", str(d), "--onnx-only"])
+    assert isinstance(res.exception, RuntimeError) and "Traceback" not in res.output
+    with pytest.raises(AssertionError, match="RuntimeError"):
+        run("build", d, "--onnx-only")
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +66,14 @@ def test_build_without_tensorrt_explains(model):
     if trt.tensorrt_version() is not None:
         pytest.skip("TensorRT is installed here")
     res = run("build", model)
-    assert res.exit_code == 1 and "TensorRT is not installed here" in res.output
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert "error: TensorRT is not installed here" in res.output
 
 
 def test_fp16_end_to_end_agrees_with_fp32(model, sources):
     from aldm.runtime.compare import e2e_precision
 
-    run("build", model, "--onnx-only")
+    assert run("build", model, "--onnx-only").exit_code == 0
     results = e2e_precision(model, sources[2:], "fp16", steps=5, say=lambda s: None)
     assert len(results) == 2 and all(r.psnr >= 45 for r in results), [str(r) for r in results]
 
