@@ -62,6 +62,9 @@ def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
             raise InputError(f"{path}: not a NIfTI image (nibabel reads it as {type(img).__name__})")
         shape = tuple(int(s) for s in img.shape)
         _check_header(path, shape, np.asarray(img.affine, np.float64), max_voxels)
+        dtype = np.dtype(img.get_data_dtype())
+        if dtype.kind not in "biuf":
+            raise InputError(f"{path}: voxels of type {dtype} (complex or RGB); aldm needs real-valued intensities")
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except InputError:
         raise
