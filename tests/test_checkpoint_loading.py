@@ -13,7 +13,7 @@ import torch
 
 from aldm.errors import CheckpointError
 from aldm.models import LDMConfig, load_official
-from aldm.models.checkpoint import save_official
+from aldm.models.checkpoint import read_checkpoint, read_state_dict, save_official
 
 CFG = LDMConfig.tiny()
 
@@ -138,15 +138,13 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_reduce_payload_never_runs(tmp_path, tiny_model):
+def test_malicious_reduce_payload_is_refused_and_never_runs(tmp_path, tiny_model):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": tiny_model.official_state_dict(), "callbacks": _Payload(marker)}, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_official(path, config=CFG)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt names posix\.system.*refused"):
+        load_official(path, config=CFG)
     assert not marker.exists()
-    assert torch.equal(_eps(model), _eps(tiny_model))
     # the same file under plain unpickling WOULD run the payload (proves the test is real)
     torch.load(path, weights_only=False)
     assert marker.exists()
@@ -173,7 +171,21 @@ def test_lightning_1_2_callbacks_keyed_by_classes(tmp_path, tiny_model, monkeypa
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         torch.load(path)  # torch's weights_only loader refuses it
+    ck = read_checkpoint(path)
+    (key, state), = ck["callbacks"].items()
+    assert isinstance(key, type) and key.__name__ == "ModelCheckpoint"  # an inert placeholder
+    assert torch.equal(state["best_model_score"], torch.tensor(0.1))
+    sd = tiny_model.official_state_dict()
+    assert read_state_dict(path).keys() == sd.keys()
+    assert all(torch.equal(read_state_dict(path)[k], v) for k, v in sd.items())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_official(path, config=CFG)
     assert torch.equal(_eps(model), _eps(tiny_model))
+
+
+def test_save_official_is_atomic_and_leaves_no_partial(tmp_path, tiny_model):
+    path = tmp_path / "last.ckpt"
+    save_official(path, tiny_model.official_state_dict())
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert read_checkpoint(path)["pytorch-lightning_version"] == "1.6.3"
