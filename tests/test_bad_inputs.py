@@ -355,6 +355,31 @@ def test_member_over_the_size_cap(tiny_export, tmp_path):
     assert "larger than the cap" in cases["a.nii"]["reason"] and cases["b.nii.gz"]["status"] == "done"
 
 
+def test_total_extraction_cap(tmp_path):
+    from aldm.batch import ArchiveLimits, ArchiveReader
+    from aldm.errors import InputError
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(3):
+            z.writestr(f"m{i}.nii", os.urandom(4000))
+    reader = ArchiveReader(archive, ArchiveLimits(total_bytes=10_000))
+    reader.copy("m0.nii", io.BytesIO())
+    reader.copy("m1.nii", io.BytesIO())
+    with pytest.raises(InputError, match="extracted 10,000 bytes, its cap"):
+        reader.copy("m2.nii", io.BytesIO())
+    reader.close()
+
+
+def test_max_voxels_option(tiny_export, good, tmp_path):
+    res = _run([*INFER, good / "good0.nii.gz", "--out", tmp_path, "--model", tiny_export, *FAST,
+                "--max-voxels", "1000"])
+    _one_error_line(res, "over the limit of 1,000 (raise it with --max-voxels)", code=1)
+    res = _run([*INFER, good / "good0.nii.gz", "--out", tmp_path, "--model", tiny_export, *FAST,
+                "--max-voxels", str(40 * 36 * 20)])
+    assert res.returncode == 0, res.stderr
+
+
 # ------------------------------------------------------------------------------ the whole corpus in one batch
 
 def _sha(p: Path) -> str:

@@ -452,6 +452,7 @@ class _FakeRay:
 
     def remote(self, **opts):
         fake = self
+        self.opts = opts
 
         def wrap(cls):
             class Handle:
@@ -508,6 +509,7 @@ def test_ray_a_dead_worker_fails_its_case_and_ctrl_c_stops_submitting(tiny_expor
     status = {r.id: (r.status, r.reason) for r in recs}
     assert status["site_a/sub1.nii.gz"] == ("failed", "worker died: ActorDied: The actor died unexpectedly")
     assert status["site_a/sub0.nii.gz"][0] == "done" and status["site_b/sub2.nii.gz"][0] == "done"
+    assert fake.opts["max_restarts"] == 3  # Ray restarts a dead actor; its next cases go on
     stop = threading.Event()
     fake = _FakeRay(stop_after=1, stop=stop)
     monkeypatch.setitem(sys.modules, "ray", fake)
