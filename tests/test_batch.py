@@ -186,13 +186,18 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tiny_export, eight_cas
     assert not list(out.rglob(".*partial*"))
 
 
-def test_sigint_finishes_the_write_and_stops_cleanly(tiny_export, eight_cases, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen(_batch_cmd(tiny_export, eight_cases, out), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _started_batch(model, src, out) -> subprocess.Popen:
+    """A batch in a subprocess, returned once its first case is written."""
+    proc = subprocess.Popen(_batch_cmd(model, src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.rglob("*_t2.json")):
         time.sleep(0.02)
+    return proc
+
+
+def test_sigint_finishes_the_write_and_stops_cleanly(tiny_export, eight_cases, tmp_path):
+    out = tmp_path / "out"
+    proc = _started_batch(tiny_export, eight_cases, out)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err
@@ -392,11 +397,7 @@ def test_kill_9_at_random_points_then_rerun_is_the_uninterrupted_result(golden_e
 
 def test_a_second_ctrl_c_exits_at_once_with_a_report(tiny_export, eight_cases, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_batch_cmd(tiny_export, eight_cases, out), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.rglob("*_t2.json")):
-        time.sleep(0.02)
+    proc = _started_batch(tiny_export, eight_cases, out)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
