@@ -22,12 +22,13 @@ import numpy as np
 
 import aldm
 from aldm.atomic import write_text
-from aldm.errors import AldmError, ModelError, UsageError
+from aldm.errors import AldmError, InputError, ModelError, UsageError
 from aldm.nifti import MAX_VOXELS, Volume, load_volume, save_like, stem
 from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
 from aldm.runtime.manifest import MANIFEST, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
 from aldm.runtime.sampler import check_strength
+from aldm.skullcheck import coarse_slice_warning, skull_reason
 
 BRASYN = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 _MODALITY_SUFFIX = re.compile(r"[-_.](t1|t1ce|t2|flair|t1n|t1c|t2w|t2f)$", re.IGNORECASE)
@@ -57,6 +58,7 @@ class Options:
     finer_tolerance: float = FINER_TOLERANCE
     strength: float | None = None  # None: the manifest's default
     max_voxels: int = MAX_VOXELS  # sources whose header declares more are refused unread
+    skull_check: bool = True  # refuse sources that do not look skull-stripped (see aldm.skullcheck)
 
 
 SEED_RULE = "seed*1000003+crc32(case id) mod 2^31"  # seed_for(); part of the settings digest
@@ -206,8 +208,15 @@ class Translator:
 
     def load(self, source: Path) -> tuple[Volume, Prepared]:
         vol = load_volume(source, max_voxels=self.options.max_voxels)
-        prep = preprocess(vol.data, vol.affine, self.pipeline.manifest.preprocessing,
-                          finer_tolerance=self.options.finer_tolerance)
+        if self.options.skull_check:
+            why = skull_reason(vol.data)
+            if why is not None:
+                raise InputError(f"{vol.path}: {why}")
+        pre = self.pipeline.manifest.preprocessing
+        prep = preprocess(vol.data, vol.affine, pre, finer_tolerance=self.options.finer_tolerance)
+        coarse = coarse_slice_warning(vol.affine, pre.spacing)
+        if coarse is not None:
+            prep.warnings.append(coarse)
         return vol, prep
 
     def compute(self, prep: Prepared, seed: int, *, callback=None, on_stage=None) -> Translation:
@@ -234,11 +243,13 @@ class Translator:
             raise
         preview_path = None
         if self.options.preview:
-            from aldm.preview import preview
+            from aldm.preview import label, preview
 
-            views = {"source": prep.x[0, 0]} | {t: v[0, 0] for t, v in tr.volumes.items()}
+            views = {f"{label(self.options.source_modality)} (source)": prep.x[0, 0]}
+            views |= {t: v[0, 0] for t, v in tr.volumes.items()}
             first = next(iter(outputs.values()))
-            preview_path = preview(first.parent / f"{stem(vol.path)}_preview.png", views)
+            preview_path = preview(first.parent / f"{stem(vol.path)}_preview.png", views,
+                                   title=f"{vol.path.name}: aldm synthetic, not for diagnosis")
         return CaseResult(vol.path, outputs, sidecars, timings, prep.warnings, preview_path)
 
     def run(self, source: str | Path, *, callback=None,

@@ -1,12 +1,16 @@
-"""Preview PNG: mid axial, coronal and sagittal slices of the source and every output, side by side.
+"""Preview PNG a person can read: one labelled column per volume (the source, then each target),
+one row per view (axial, coronal, sagittal), the same anatomical slice in every column.
 
-Written with numpy + zlib only (no plotting library on the inference path).
+All volumes share one grid (the model's RAS grid, 1 mm isotropic), so a slice index is the same
+anatomy in every column; every tile is centred on a square canvas of the same size, so rows and
+columns line up at one scale and aspect. Each volume is windowed by its own 0.5/99.5 percentiles
+inside the source's foreground (outside it is black), so a dark target is not washed out by the
+source's range. Text is drawn with Pillow.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 from pathlib import Path
 from typing import Mapping
 
@@ -14,43 +18,79 @@ import numpy as np
 
 from aldm.atomic import write_bytes
 
-
-def write_png(path: str | Path, gray: np.ndarray) -> None:
-    """8-bit grayscale PNG from a 2-D uint8 array (rows top to bottom)."""
-    h, w = gray.shape
-    raw = b"".join(b"\x00" + np.ascontiguousarray(row).tobytes() for row in gray.astype(np.uint8))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    write_bytes(path, png)  # atomic: temporary name, fsync, rename
+VIEWS = ("axial", "coronal", "sagittal")
+MODALITY_LABELS = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
 
 
-def _to_uint8(v: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(v, [0.5, 99.5])
-    return (np.clip((v - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+def window(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 of `v`, 0.5/99.5 percentiles of its own values inside `mask` -> 0/255; 0 outside."""
+    inside = v[mask] if mask.any() else v.ravel()
+    lo, hi = np.percentile(inside, [0.5, 99.5])
+    out = np.clip((v - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    return np.where(mask, out, 0).astype(np.uint8)
 
 
-def ras_views(v: np.ndarray) -> list[np.ndarray]:
-    """Mid slices of a RAS volume (X, Y, Z), oriented as radiologists look at them (top = up)."""
-    x, y, z = (s // 2 for s in v.shape)
-    axial = np.rot90(v[:, :, z])  # anterior up
+def centre_of(mask: np.ndarray) -> tuple[int, int, int]:
+    """Centre of the mask's bounding box (the array centre if the mask is empty)."""
+    if not mask.any():
+        return tuple(s // 2 for s in mask.shape)  # type: ignore[return-value]
+    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    return tuple(int((i[0] + i[-1]) // 2) for i in idx)  # type: ignore[return-value]
+
+
+def ras_views(v: np.ndarray, at: tuple[int, int, int] | None = None) -> list[np.ndarray]:
+    """Slices of a RAS volume (X, Y, Z) through `at`, as radiologists look at them (top = up)."""
+    x, y, z = at if at is not None else tuple(s // 2 for s in v.shape)
+    axial = np.rot90(v[:, :, z])  # anterior up, patient's right on the left
     coronal = np.rot90(v[:, y, :])  # superior up
     sagittal = np.fliplr(np.rot90(v[x, :, :]))  # superior up, anterior left
     return [axial, coronal, sagittal]
 
 
-def preview(path: str | Path, volumes: Mapping[str, np.ndarray]) -> Path:
-    """One row per view, one column per volume (labels are the column order: source first)."""
-    cols = [[_to_uint8(s) for s in ras_views(v)] for v in volumes.values()]
-    rows = []
-    for r in range(3):
-        height = max(c[r].shape[0] for c in cols)
-        tiles = [np.pad(c[r], ((0, height - c[r].shape[0]), (0, 4))) for c in cols]
-        rows.append(np.concatenate(tiles, axis=1))
-    width = max(r.shape[1] for r in rows)
-    sheet = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]))) for r in rows], axis=0)
-    write_png(path, sheet)
+def _square(tile: np.ndarray, side: int) -> np.ndarray:
+    h, w = tile.shape
+    top, left = (side - h) // 2, (side - w) // 2
+    return np.pad(tile, ((top, side - h - top), (left, side - w - left)))
+
+
+def label(name: str) -> str:
+    return MODALITY_LABELS.get(name.lower(), name)
+
+
+def sheet(volumes: Mapping[str, np.ndarray], *, title: str = "", gap: int = 4):
+    """The contact sheet as a Pillow image; the first volume is the source (its foreground masks
+    and centres every column)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = list(volumes)
+    source = np.asarray(volumes[names[0]], np.float32)
+    mask = source > source.min() + 1e-6 * max(float(np.ptp(source)), 1e-12)
+    at = centre_of(mask)
+    side = max(source.shape)
+    font = ImageFont.load_default(size=max(12, side // 10))
+    head = int(font.size * 1.6)
+    left = int(font.size * 5.5)
+    top = head * (2 if title else 1)
+    width = left + len(names) * (side + gap)
+    height = top + len(VIEWS) * (side + gap)
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((4, 2), title, fill=255, font=font)
+    for c, name in enumerate(names):
+        views = ras_views(window(np.asarray(volumes[name], np.float32), mask), at)
+        x0 = left + c * (side + gap)
+        draw.text((x0 + 4, top - head + 2), label(name), fill=255, font=font)
+        for r, tile in enumerate(views):
+            img.paste(Image.fromarray(_square(tile, side)), (x0, top + r * (side + gap)))
+    for r, view in enumerate(VIEWS):
+        draw.text((4, top + r * (side + gap) + side // 2 - font.size // 2), view, fill=255, font=font)
+    return img
+
+
+def preview(path: str | Path, volumes: Mapping[str, np.ndarray], *, title: str = "") -> Path:
+    """Write the contact sheet of `volumes` (source first) as a PNG, atomically."""
+    buf = io.BytesIO()
+    sheet(volumes, title=title).save(buf, format="PNG", optimize=True)
+    write_bytes(path, buf.getvalue())
     return Path(path)
