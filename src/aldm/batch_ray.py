@@ -3,7 +3,8 @@ per worker (an actor), a GPU per worker when the cluster has them. Files are rea
 shared filesystem is assumed); archive members travel as bytes. Needs `pip install 'aldm[ray]'`.
 
 A worker that dies (killed, out of memory) fails only the case it held: Ray restarts the actor
-(up to MAX_RESTARTS times) and the batch goes on. The first Ctrl-C (the `stop` event) submits
+(up to MAX_RESTARTS times) and retries that case once on it; if it dies again the case is failed
+and the batch goes on. The first Ctrl-C (the `stop` event) submits
 nothing more, lets the cases in flight finish and records the rest as interrupted."""
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def run_ray(model_dir: Path, options: dict, source: Path, cases: list[Case], out
             ray.init(address=address, log_to_driver=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = workers or max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
-    actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=MAX_RESTARTS)(_Worker)
+    actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=MAX_RESTARTS,
+                       max_task_retries=1)(_Worker)
     actors = [actor.remote(str(model_dir), options, backend, threads) for _ in range(n)]
     records: dict[str, Record] = {}
 
