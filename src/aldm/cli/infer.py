@@ -40,6 +40,7 @@ def infer(
     ray: Annotated[bool, typer.Option("--ray", help="Batch: spread cases over a Ray cluster (a local one unless --ray-address), one model per worker, a GPU each when the cluster has them.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="Batch with --ray: the cluster to join (e.g. 10.0.0.5:6379 or auto).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Batch with --ray: number of workers. Default: one per GPU, else per CPU.")] = None,
+    no_skull_check: Annotated[bool, typer.Option("--no-skull-check", help="Translate sources that do not look skull-stripped. Default: refuse them (more than 75% of the grid non-zero: skull, neck or background noise), since the model was trained on skull-stripped brains and its output on a raw scan is a plausible-looking texture, not a translation.")] = False,
     max_voxels: Annotated[int, typer.Option(help="Refuse a source whose header declares more voxels, before reading its data (a corrupt or hostile header can claim any size).")] = 1024**3,
     max_member_mb: Annotated[int, typer.Option(help="Batch archives: refuse a member larger than this once extracted.")] = 4096,
     max_extract_gb: Annotated[int, typer.Option(help="Batch archives: stop extracting after this many GB in one batch (zip bombs; members are also refused above a 1000:1 compression ratio).")] = 1024,
@@ -63,7 +64,7 @@ def infer(
     try:
         opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
                        source_modality.lower(), naming, intensity, overwrite, preview, strength=strength,
-                       max_voxels=max_voxels)
+                       max_voxels=max_voxels, skull_check=not no_skull_check)
         pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
                                  decode_batch=decode_batch)
         translator = Translator(pipeline, opts)
