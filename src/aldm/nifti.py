@@ -27,6 +27,7 @@ class Volume:
     affine: np.ndarray  # 4x4
     header: object  # nibabel Nifti1Header / Nifti2Header
     shape: tuple[int, ...]  # the file's shape (a singleton 4th axis included)
+    brain_mask: np.ndarray | None = None  # set by --skull-strip: data outside it was zeroed
 
 
 def is_nifti(path: Path) -> bool:
