@@ -49,16 +49,72 @@ class TorchRunner:
         pass
 
 
-def reference_model(model_dir: ModelDir, checkpoint: str | None = None) -> ALDM:
-    """The PyTorch model an export came from: `checkpoint`, else the manifest's recorded source."""
+def reference_model(model_dir: ModelDir, checkpoint: str | None = None, *,
+                    hint: str = "pass --reference CKPT") -> ALDM:
+    """The PyTorch model an export came from: `checkpoint`, else the manifest's recorded source
+    (found by `source_checkpoint`: relative paths from the repository root, sha256 checked)."""
     from aldm.errors import UsageError
 
     m = model_dir.manifest
-    path = checkpoint or m.source.get("ldm_ckpt")
-    if not path:
-        raise UsageError("no reference checkpoint: pass --reference CKPT")
+    vqgan = None
+    if checkpoint:
+        path = checkpoint
+        try:  # a first stage the manifest records is still offered (used if `checkpoint` lacks one)
+            vqgan = source_checkpoint(model_dir, "vqgan", hint)
+        except ModelError:
+            vqgan = None
+    else:
+        path = source_checkpoint(model_dir, "ldm", hint)
+        if path is None:
+            raise UsageError("no reference checkpoint: pass --reference CKPT")
+        vqgan = source_checkpoint(model_dir, "vqgan", hint)
     cfg = LDMConfig.from_dict(m.config) if m.config else None
-    return load_official(path, m.source.get("vqgan_ckpt"), config=cfg, ema=m.source.get("ema", True))
+    return load_official(path, vqgan, config=cfg, ema=m.source.get("ema", True))
+
+
+REPO_MARKERS = ("models", "pyproject.toml")
+
+
+def source_checkpoint(model_dir: ModelDir, kind: str = "ldm",
+                      hint: str = "pass --reference CKPT") -> Path | None:
+    """The checkpoint the manifest records as `source.<kind>_ckpt` (kind: ldm or vqgan), found on
+    this machine and checked against `source.<kind>_sha256` when the manifest records one; None
+    when it records no such checkpoint.
+
+    An absolute path is used as is. A relative one (the bundled model's `models/default/last.ckpt`)
+    is relative to the aldm repository root: each folder above the model folder that holds
+    `models/` or `pyproject.toml` is tried, nearest first, and the first that has the file wins. A
+    missing file or a different sha256 is a one-line ModelError ending in `hint` (what to pass)."""
+    from aldm.runtime.manifest import sha256_file
+
+    src = model_dir.manifest.source
+    recorded = src.get(f"{kind}_ckpt")
+    if not recorded:
+        return None
+    digest = src.get(f"{kind}_sha256")
+    what = f"{model_dir.path}: the {kind.upper()} checkpoint its manifest records"
+    if digest:
+        hint += f" (the file's sha256 starts {digest[:12]})"
+    rel = Path(str(recorded))
+    if rel.is_absolute():
+        path = rel
+        if not path.is_file():
+            raise ModelError(f"{what}, {path}, is not on this machine; {hint}")
+    else:
+        if ".." in rel.parts:
+            raise ModelError(f"{what}, {recorded}, leaves the repository (..); {hint}")
+        roots = [p for p in Path(model_dir.path).resolve().parents
+                 if any((p / m).exists() for m in REPO_MARKERS)]
+        path = next((r / rel for r in roots if (r / rel).is_file()), None)
+        if path is None:
+            raise ModelError(
+                f"{what}, {rel.as_posix()} (relative to the aldm repository), is not on this "
+                f"machine (no repository checkout above the model folder; an installed wheel does "
+                f"not carry it); {hint}")
+    if digest and sha256_file(path) != digest:
+        raise ModelError(f"{path}: sha256 does not match the {kind}_sha256 its manifest records "
+                         f"({digest[:12]}…); corrupted or replaced; {hint}")
+    return path
 
 
 def available_backends() -> list[str]:

@@ -109,9 +109,15 @@ def torch_runners(model: ModelDir) -> dict[str, Runner]:
         from aldm.export.check import TorchRunner, reference_model
     except ImportError:
         raise BackendError("the torch backend needs torch: pip install 'aldm[export]'") from None
+    from aldm.errors import ModelError
+
     if not model.manifest.source.get("ldm_ckpt"):
         raise BackendError("the torch backend needs the source checkpoint, and this model's "
                            "manifest records none")
-    ref = reference_model(model)
+    try:  # a relative path is found in the repository above the model folder, sha256 checked
+        ref = reference_model(model, hint="run it from a clone of the aldm repository, which "
+                                          "holds the file (or compare with `aldm check --reference CKPT`)")
+    except ModelError as exc:
+        raise BackendError(f"the torch backend needs the model's PyTorch weights: {exc}") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return {c: TorchRunner(ref, c, device) for c in COMPONENTS}
