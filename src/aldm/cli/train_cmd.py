@@ -1,4 +1,4 @@
-"""`aldm train`: train the default-size ALDM on a BraTS-layout folder (resumable)."""
+"""`aldm train`: train ALDM on a BraTS-layout folder (resumable), default size or official, CPU or GPU."""
 
 from __future__ import annotations
 
@@ -21,12 +21,27 @@ def train(
     val_cases: Annotated[Optional[str], typer.Option(help="Comma-separated held-out cases. Default: every fifth of the sorted cases from the second on.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads. Default: all cores.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda or cuda:N.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="Autocast precision: fp32 (off), bf16, or fp16 (with a gradient scaler). Weights, optimiser state and EMA stay fp32.")] = "fp32",
+    accum: Annotated[int, typer.Option(help="Gradient accumulation: micro-batches per optimiser step.")] = 1,
+    batch: Annotated[Optional[int], typer.Option(help="Micro-batch size of every stage. Default: each stage's own (2, 4, 4).")] = None,
+    size: Annotated[str, typer.Option(help="Model size: small (the bundled default model's widths) or official (the paper's: 58.6 M parameters, a GPU's size). Fixed by a run folder's first run.")] = "small",
+    unet_channels: Annotated[Optional[int], typer.Option(help="UNet model_channels (a multiple of 32). Default: the size's (32 small, 128 official).")] = None,
+    spade_nf: Annotated[Optional[int], typer.Option(help="MS-SPADE width nf; its hidden width is half. Default: the size's (32 / 128).")] = None,
+    vq_channels: Annotated[Optional[int], typer.Option(help="VQ-GAN base width ch. Default: the size's (16 / 64).")] = None,
 ) -> None:
     """Train stages 1-3; each writes <run>/stageN/last.ckpt (official Lightning layout) and log.csv."""
-    from aldm.training import run_training
+    from aldm.errors import UsageError
+    from aldm.training import Compute, run_training, sized
 
+    try:
+        config = sized(size, unet_channels=unet_channels, spade_nf=spade_nf, vq_channels=vq_channels)
+        compute = Compute(device, precision, accum)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
     status = run_training(data, run, stages=tuple(int(s) for s in split_list(stages)),
                           max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, seed=seed,
-                          val_cases=split_list(val_cases) or None, threads=threads, quiet=quiet, say=say)
+                          val_cases=split_list(val_cases) or None, threads=threads, quiet=quiet,
+                          config=config, compute=compute, batch=batch, say=say)
     for stage, done in status.items():
         say(f"stage {stage}: {'complete' if done else 'paused (time budget); rerun to resume'}")

@@ -1,11 +1,13 @@
-"""`aldm train`: the official three stages on a BraTS-layout folder, resumable, on a CPU.
+"""`aldm train`: the official three stages on a BraTS-layout folder, resumable, on a CPU or a GPU.
 
-Needs torch (`pip install 'aldm[train]'`). A run folder holds the split, the preprocessed cache,
-one folder per stage (`last.ckpt` in the official layout, `log.csv`) and the latent cache.
+Needs torch (`pip install 'aldm[train]'`). A run folder holds the split, the model size
+(`config.json`), the preprocessed cache, one folder per stage (`last.ckpt` in the official layout,
+`log.csv`) and the latent cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,10 +21,11 @@ from aldm.models.aldm import VQModel
 from aldm.models.config import LDMConfig
 from aldm.runtime.manifest import Preprocessing
 from aldm.training.data import cache_cases, find_cases, split
-from aldm.training.loop import load_stage
-from aldm.training.stages import BUDGETS, SMALL, Budget, stage_path, train_stage1, train_stage2, train_stage3
+from aldm.training.loop import Compute, load_stage
+from aldm.training.stages import (BUDGETS, OFFICIAL, SMALL, Budget, sized, stage_path, train_stage1,
+                                  train_stage2, train_stage3)
 
-__all__ = ["run_training", "SMALL", "BUDGETS"]
+__all__ = ["run_training", "Compute", "SMALL", "OFFICIAL", "BUDGETS", "sized"]
 
 
 def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] = (1, 2, 3),
@@ -30,13 +33,30 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
                  val_cases: list[str] | None = None, budgets: dict[int, Budget] = BUDGETS,
                  threads: int | None = None, quiet: bool = False, config: LDMConfig = SMALL,
                  preprocessing: Preprocessing | None = None, warmup: int = 300,
+                 compute: Compute = Compute(), batch: int | None = None,
                  say: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the stages in order until done or `max_minutes` of wall time are used."""
+    """Run (or resume) the stages in order until done or `max_minutes` of wall time are used.
+
+    `compute`: device, autocast precision and gradient accumulation (any of them may change
+    between runs of one run folder); `batch` replaces every stage's micro-batch size. The model
+    size (`config`) is fixed by the first run of a run folder (`config.json`)."""
     if threads:
         torch.set_num_threads(threads)
+    if compute.kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device here (a CPU-only torch build, or no GPU)")
+    if batch is not None:
+        budgets = {k: dataclasses.replace(b, batch=batch) for k, b in budgets.items()}
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     clean_partials(run)  # temporary files a killed run left
+    config_file = run / "config.json"
+    held = json.loads(config_file.read_text()) if config_file.exists() else None
+    if held is None and stage_path(run, 1).exists():  # a run folder from before config.json
+        held = load_stage(stage_path(run, 1)).get("aldm_config")
+    if held is not None and held != json.loads(json.dumps(config.to_dict())):
+        raise UsageError(f"{config_file} holds another model size; use the same --size and widths, "
+                         "or a new --run folder")
+    write_text(config_file, json.dumps(config.to_dict(), indent=1))
     deadline = time.monotonic() + 60 * max_minutes
     train, val = split(find_cases(data), val_cases)
     split_file = run / "split.json"
@@ -48,7 +68,8 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
     cache = cache_cases(train, run / "cache", preprocessing or Preprocessing(), say=say)
     cfg = config
     left = lambda: max(0.0, (deadline - time.monotonic()) / 60)  # noqa: E731
-    kw = dict(checkpoint_minutes=checkpoint_minutes, seed=seed, quiet=quiet)
+    kw = dict(checkpoint_minutes=checkpoint_minutes, seed=seed, quiet=quiet, compute=compute)
+    say(f"training on {compute.describe()}")
     status = {}
 
     if 1 in stages and not _done(run, 1, budgets):
@@ -62,10 +83,10 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         if not latents_file.exists():
             from aldm.training.stages import encode_cases
 
-            latents = encode_cases(vq, cache, say)
+            latents = encode_cases(vq, cache, say, device=compute.device)
             with atomic_path(latents_file) as tmp:
                 torch.save(latents, tmp)
-        latents = torch.load(latents_file)
+        latents = torch.load(latents_file, map_location="cpu")
     if 2 in stages and not _done(run, 2, budgets):
         status[2] = train_stage2(run, latents, cfg, vq, budget=budgets[2], max_minutes=left(), **kw)
         if not status[2]:

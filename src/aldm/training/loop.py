@@ -1,5 +1,6 @@
 """What every training stage shares: resumable state, timed atomic checkpoints, CSV loss logs,
-a progress bar, and a wall-clock budget so a background run stops cleanly and resumes later."""
+a progress bar, a wall-clock budget so a background run stops cleanly and resumes later, and
+where the arithmetic runs (`Compute`: device, autocast precision, gradient accumulation)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,92 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from aldm.atomic import atomic_path
 from aldm.models.checkpoint import read_checkpoint, save_official
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a stage computes: `device` ("cpu", "cuda", "cuda:1"), autocast `precision`
+    (fp32 = off; bf16; fp16 with a gradient scaler) and `accum` micro-batches per optimiser step
+    (the effective batch is Budget.batch x accum). Weights, optimiser state and EMA stay fp32."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    accum: int = 1
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.accum < 1:
+            raise ValueError(f"accum must be >= 1, not {self.accum}")
+        torch.device(self.device)  # raises on a malformed name
+
+    @property
+    def kind(self) -> str:
+        return torch.device(self.device).type
+
+    def autocast(self):
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.kind, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def scaler(self) -> "torch.amp.GradScaler":
+        return torch.amp.GradScaler(self.kind, enabled=self.precision == "fp16")
+
+    def describe(self) -> str:
+        return f"{self.device}, {self.precision}" + (f", {self.accum} micro-batches per step" if self.accum > 1 else "")
+
+
+def backward_step(opt: torch.optim.Optimizer, scaler, compute: Compute,
+                  micro: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One optimiser step over `compute.accum` micro-batches: `micro()` (run under autocast)
+    returns {"loss": ..., other logged values}; each micro-batch's gradients are accumulated
+    (backward right away, so only one graph is alive), then the (scaled) step. Returns the
+    detached means over the micro-batches, and "finite": False when the step was skipped
+    because a gradient was inf/nan (one device sync per step, for that check)."""
+    opt.zero_grad(set_to_none=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(compute.accum):
+        with compute.autocast():
+            out = micro()
+        scaler.scale(out["loss"].float() / compute.accum).backward()
+        for k, v in out.items():
+            v = v.detach().float()
+            sums[k] = sums[k] + v if k in sums else v
+    if scaler.is_enabled():  # fp16: the scaler skips steps with inf/nan gradients itself
+        scaler.step(opt)
+        scaler.update()
+        finite = True
+    else:  # a step with non-finite gradients would poison the weights and the EMA: skip it
+        with_grad = [p for p in params if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(with_grad, float("inf")) if with_grad else torch.zeros(())
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            opt.step()
+    out = {k: v / compute.accum for k, v in sums.items()}
+    out["finite"] = finite
+    return out
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of `obj` (tensors in dicts/lists) with every tensor on the CPU (checkpoints hold CPU
+    tensors only; the optimiser moves its state back to its parameters' device on load)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 @dataclass
@@ -26,13 +106,18 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
-            "python": random.getstate()}
+def rng_state(rng: np.random.Generator, device: str = "cpu") -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
+             "python": random.getstate()}
+    if torch.device(device).type == "cuda":  # noise is drawn on the GPU there
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
 
 
-def restore_rng(state: dict[str, Any], rng: np.random.Generator) -> None:
+def restore_rng(state: dict[str, Any], rng: np.random.Generator, device: str = "cpu") -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
     rng.bit_generator.state = state["numpy"]
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -42,8 +127,11 @@ class Loop:
     """Drives one stage: `for step in loop:` ... `loop.log(loss=...)`; checkpoints on a timer."""
 
     def __init__(self, stage_dir: Path, state: TrainState, total_steps: int, *, max_minutes: float,
-                 checkpoint_minutes: float, save, quiet: bool = False):
+                 checkpoint_minutes: float, save, quiet: bool = False, min_steps: int = 0):
         self.dir, self.state, self.total = stage_dir, state, total_steps
+        self.min_steps = min_steps  # run at least this many steps, whatever the clock says
+        self._first_step = state.step
+        self._timed: tuple[int, float] | None = None  # (step, time) once the first steps are done
         self.deadline = time.monotonic() + 60 * max_minutes
         self.every = 60 * checkpoint_minutes
         self.save_fn = save
@@ -76,10 +164,13 @@ class Loop:
             self._bar.start()
             self._task = self._bar.add_task("", total=self.total, completed=self.state.step, info="")
         try:
-            while self.state.step < self.total and time.monotonic() < self.deadline:
+            while self.state.step < self.total and (time.monotonic() < self.deadline
+                                                    or self.state.step - self._first_step < self.min_steps):
                 yield self.state.step
                 self.state.step += 1
                 now = time.monotonic()
+                if self._timed is None and self.state.step - self._first_step == 3:
+                    self._timed = (self.state.step, now)  # after warm-up (allocation, autotuning)
                 self.state.elapsed_s += now - self._t
                 self._t = now
                 if now - self._last_save > self.every:
@@ -88,6 +179,18 @@ class Loop:
             self.checkpoint()
             if self._bar:
                 self._bar.stop()
+
+    @property
+    def planned(self) -> int:
+        """The step this run will stop at: `total`, or fewer where the wall-clock budget ends
+        first, estimated from the step time measured so far (for an lr schedule sized to the
+        time: see Budget.decay_frac)."""
+        if self._timed is None or self.state.step <= self._timed[0]:
+            return self.total
+        step0, t0 = self._timed
+        per_step = (time.monotonic() - t0) / (self.state.step - step0)
+        left = max(0.0, self.deadline - time.monotonic())
+        return min(self.total, self.state.step + int(left / per_step))
 
     @property
     def done(self) -> bool:
@@ -123,12 +226,18 @@ def _step_row(row: list[str], header: list[str]) -> float:
 
 def save_stage(path: Path, state_dict: dict[str, torch.Tensor], state: TrainState, *,
                config: dict, optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-               ema: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> None:
-    """Official Lightning layout plus our resumable training state under `aldm_train`."""
+               ema: dict[str, torch.Tensor] | None = None, extra: dict | None = None,
+               compute: Compute | None = None, scaler=None) -> None:
+    """Official Lightning layout plus our resumable training state under `aldm_train`; every
+    tensor is copied to the CPU first, whatever device trained it."""
+    compute = compute or Compute()
     train = {"stage": state.stage, "step": state.step, "elapsed_s": state.elapsed_s,
-             "seed": state.seed, "extra": state.extra, "optimizer": optimizer.state_dict(),
-             "rng": rng_state(rng)}
-    save_official(path, {k: v.detach().clone() for k, v in state_dict.items()}, ema,
+             "seed": state.seed, "extra": state.extra, "optimizer": to_cpu(optimizer.state_dict()),
+             "rng": rng_state(rng, compute.device), "precision": compute.precision,
+             "accum": compute.accum}
+    if scaler is not None and scaler.is_enabled():
+        train["grad_scaler"] = to_cpu(scaler.state_dict())
+    save_official(path, to_cpu(state_dict), to_cpu(ema) if ema is not None else None,
                   global_step=state.step, extra={"aldm_config": config, "aldm_train": train, **(extra or {})})
 
 
