@@ -188,6 +188,23 @@ def stage_numbers(run: Path, stage: int, budget: Budget, compute: Compute) -> di
             "last_losses": [float(r["loss"]) for r in rows[-5:]]}
 
 
+def halving_on_oom(fn, budget: Budget, summary: dict) -> Budget:
+    """Run a stage; if the GPU runs out of memory, it has checkpointed (Loop saves on the way
+    out): resume it with half the micro-batch, down to 1. Returns the budget that finished."""
+    while True:
+        try:
+            fn(budget)
+            return budget
+        except torch.cuda.OutOfMemoryError:
+            if budget.batch == 1:
+                raise
+            torch.cuda.empty_cache()
+            smaller = dataclasses.replace(budget, batch=budget.batch // 2)
+            summary.setdefault("oom_fallbacks", []).append(f"batch {budget.batch} -> {smaller.batch}")
+            print(f"out of GPU memory at batch {budget.batch}: resuming with {smaller.batch}", flush=True)
+            budget = smaller
+
+
 def train(args) -> int:
     t_start = time.monotonic()
     deadline = t_start + 60 * args.minutes
@@ -237,15 +254,18 @@ def train(args) -> int:
     if cuda:
         summary["gpu"] = torch.cuda.get_device_name(device)
 
-    minutes2 = args.stage2_share * max(0.0, deadline - time.monotonic() - reserve) / 60
-    train_stage2(run, latents, cfg, vq, budget=b2, max_minutes=minutes2, **common)
+    stage2_end = time.monotonic() + args.stage2_share * max(0.0, deadline - time.monotonic() - reserve)
+    b2 = halving_on_oom(lambda b: train_stage2(run, latents, cfg, vq, budget=b,
+                                               max_minutes=max(0.0, stage2_end - time.monotonic()) / 60,
+                                               **common), b2, summary)
     summary["stage2"] = stage_numbers(run, 2, b2, compute)
     print(f"stage 2: {summary['stage2']}", flush=True)
     spade_sd = {f"first_stage_model.spade.{k}": v for k, v in vq.spade.state_dict().items()}
     files = write_shards(out, "spade", spade_sd, cfg, {"step": summary["stage2"]["steps"], "scale_factor": scale})
 
-    minutes3 = max(0.0, deadline - time.monotonic() - reserve) / 60
-    train_stage3(run, latents, cfg, vq, budget=b3, max_minutes=minutes3, say=print, scale=scale, **common)
+    b3 = halving_on_oom(lambda b: train_stage3(run, latents, cfg, vq, budget=b, say=print, scale=scale,
+                                               max_minutes=max(0.0, deadline - time.monotonic() - reserve) / 60,
+                                               **common), b3, summary)
     summary["stage3"] = stage_numbers(run, 3, b3, compute)
     print(f"stage 3: {summary['stage3']}", flush=True)
     sd3 = read_checkpoint(stage_path(run, 3))["state_dict"]

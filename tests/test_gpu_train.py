@@ -132,3 +132,18 @@ def test_pack_codes_encodes_training_cases_only(tmp_path):
     assert pk["codes"].shape == (1, 4, 36, 48, 36) and pk["codes"].dtype == np.uint16
     assert pk["modalities"].tolist() == ["t1", "t1ce", "t2", "flair"]
     assert pk["meta"]["encoder_sha256"] == json.loads(MANIFEST.read_text())["files"]["encoder.onnx"]
+
+
+def test_a_stage_out_of_gpu_memory_resumes_with_half_the_batch():
+    from aldm.training.stages import Budget
+
+    tried = []
+
+    def stage(b):
+        tried.append(b.batch)
+        if b.batch > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    summary = {}
+    done = gpu_train.halving_on_oom(stage, Budget(10, 8, 1e-3, 48), summary)
+    assert tried == [8, 4, 2] and done.batch == 2 and summary["oom_fallbacks"] == ["batch 8 -> 4", "batch 4 -> 2"]
