@@ -172,3 +172,65 @@ def test_lr_decay_sized_to_the_time_a_run_has():
     assert b.lr_at(40, planned=100) == 1e-3 and b.lr_at(100, planned=100) == pytest.approx(1e-4)
     assert b.lr_at(75, planned=100) == pytest.approx(0.55e-3)
     assert b.lr_at(75) == 1e-3  # no plan: the whole budget
+
+
+DDP_SCRIPT = r'''
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[4])
+from aldm.models import LDMConfig
+from aldm.runtime.manifest import Preprocessing
+from aldm.training import Compute, init_distributed, run_training
+from aldm.training.loop import backward_step, dist_info
+from aldm.training.stages import Budget
+
+compute = init_distributed(Compute("cpu"))
+rank, world = dist_info()
+# data parallel = one process on the whole batch: each rank takes half, gradients are averaged
+x, y = torch.arange(12.0).reshape(4, 3) / 10, torch.ones(4, 1)
+torch.manual_seed(0)
+lin = torch.nn.Linear(3, 1)
+unused = torch.nn.Parameter(torch.ones(2))  # no gradient anywhere: weight decay must not touch it
+opt = torch.optim.SGD([*lin.parameters(), unused], lr=0.1, weight_decay=0.5)
+mine = slice(2 * rank, 2 * rank + 2)
+backward_step(opt, compute.scaler(), compute, lambda: {"loss": ((lin(x[mine]) - y[mine]) ** 2).mean()})
+torch.manual_seed(0)
+ref = torch.nn.Linear(3, 1)
+ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, weight_decay=0.5)
+((ref(x) - y) ** 2).mean().backward()
+ref_opt.step()
+b = {1: Budget(3, 1, 1e-3, 16), 2: Budget(2, 2, 1e-3, 4), 3: Budget(2, 2, 1e-3, 4)}
+status = run_training(sys.argv[1], sys.argv[2], budgets=b, config=LDMConfig.tiny(), compute=compute,
+                      preprocessing=Preprocessing(crop_size=(32, 32, 16)), quiet=True, warmup=1,
+                      say=lambda s: None)
+json.dump({"world": world, "sync": torch.allclose(lin.weight, ref.weight, atol=1e-6)
+           and torch.allclose(lin.bias, ref.bias, atol=1e-6),
+           "unused_untouched": bool((unused == 1).all()), "status": status},
+          open(f"{sys.argv[3]}/rank{rank}.json", "w"))
+'''
+
+
+def test_two_processes_train_data_parallel_with_gloo(data, tmp_path):
+    """torchrun, 2 CPU processes (gloo): gradients averaged over the ranks, one set of files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(data), str(run), str(tmp_path), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=240,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["world"] == 2 and r["sync"] and r["unused_untouched"]
+        assert r["status"] == {"1": True, "2": True, "3": True}
+    for stage in (1, 2, 3):
+        steps = [int(row["step"]) for row in csv.DictReader(open(run / f"stage{stage}" / "log.csv"))]
+        assert steps == sorted(set(steps))  # one process logged
+    model = load_official(run / "stage3" / "last.ckpt")
+    assert read_checkpoint(run / "stage3" / "last.ckpt")["aldm_train"]["step"] == 2
+    assert torch.isfinite(model.model.diffusion_model.out[-1].weight).all()

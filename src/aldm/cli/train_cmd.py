@@ -30,18 +30,30 @@ def train(
     spade_nf: Annotated[Optional[int], typer.Option(help="MS-SPADE width nf; its hidden width is half. Default: the size's (32 / 128).")] = None,
     vq_channels: Annotated[Optional[int], typer.Option(help="VQ-GAN base width ch. Default: the size's (16 / 64).")] = None,
 ) -> None:
-    """Train stages 1-3; each writes <run>/stageN/last.ckpt (official Lightning layout) and log.csv."""
+    """Train stages 1-3; each writes <run>/stageN/last.ckpt (official Lightning layout) and log.csv.
+
+    Several GPUs (data parallel): torchrun --no-python --nproc_per_node N aldm train ... --device cuda
+    (each process trains on its own patches, gradients are averaged; the effective batch is N x batch x accum)."""
     from aldm.errors import UsageError
-    from aldm.training import Compute, run_training, sized
+    from aldm.training import Compute, init_distributed, run_training, sized
 
     try:
         config = sized(size, unet_channels=unet_channels, spade_nf=spade_nf, vq_channels=vq_channels)
         compute = Compute(device, precision, accum)
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
+    if compute.kind == "cuda" and not torch_cuda():
+        raise UsageError("--device cuda: torch sees no CUDA device here (a CPU-only torch build, or no GPU)")
+    compute = init_distributed(compute)  # under torchrun: one process per GPU (or gloo on CPUs)
     status = run_training(data, run, stages=tuple(int(s) for s in split_list(stages)),
                           max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, seed=seed,
                           val_cases=split_list(val_cases) or None, threads=threads, quiet=quiet,
                           config=config, compute=compute, batch=batch, say=say)
     for stage, done in status.items():
         say(f"stage {stage}: {'complete' if done else 'paused (time budget); rerun to resume'}")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -21,11 +21,11 @@ from aldm.models.aldm import VQModel
 from aldm.models.config import LDMConfig
 from aldm.runtime.manifest import Preprocessing
 from aldm.training.data import cache_cases, find_cases, split
-from aldm.training.loop import Compute, load_stage
+from aldm.training.loop import Compute, barrier, dist_info, init_distributed, load_stage
 from aldm.training.stages import (BUDGETS, OFFICIAL, SMALL, Budget, sized, stage_path, train_stage1,
                                   train_stage2, train_stage3)
 
-__all__ = ["run_training", "Compute", "SMALL", "OFFICIAL", "BUDGETS", "sized"]
+__all__ = ["run_training", "Compute", "SMALL", "OFFICIAL", "BUDGETS", "sized", "init_distributed"]
 
 
 def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] = (1, 2, 3),
@@ -46,30 +46,20 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         raise UsageError("--device cuda: torch sees no CUDA device here (a CPU-only torch build, or no GPU)")
     if batch is not None:
         budgets = {k: dataclasses.replace(b, batch=batch) for k, b in budgets.items()}
+    rank, world = dist_info()  # under torchrun: rank 0 prepares the data and writes every file
+    if rank:
+        say = lambda s: None  # noqa: E731
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    clean_partials(run)  # temporary files a killed run left
-    config_file = run / "config.json"
-    held = json.loads(config_file.read_text()) if config_file.exists() else None
-    if held is None and stage_path(run, 1).exists():  # a run folder from before config.json
-        held = load_stage(stage_path(run, 1)).get("aldm_config")
-    if held is not None and held != json.loads(json.dumps(config.to_dict())):
-        raise UsageError(f"{config_file} holds another model size; use the same --size and widths, "
-                         "or a new --run folder")
-    write_text(config_file, json.dumps(config.to_dict(), indent=1))
     deadline = time.monotonic() + 60 * max_minutes
     train, val = split(find_cases(data), val_cases)
-    split_file = run / "split.json"
-    names = {"train": [c.name for c in train], "validation": [c.name for c in val]}
-    if split_file.exists() and json.loads(split_file.read_text()) != names:
-        raise UsageError(f"{split_file} holds another split; use a new --run folder")
-    write_text(split_file, json.dumps(names, indent=1))
-    say(f"{len(train)} training cases, {len(val)} held out: {', '.join(names['validation'])}")
-    cache = cache_cases(train, run / "cache", preprocessing or Preprocessing(), say=say)
+    if rank == 0:
+        _prepare(run, config, train, val, preprocessing, say)
+    barrier()
+    cache = [run / "cache" / f"{c.name}.npz" for c in train]
     cfg = config
     left = lambda: max(0.0, (deadline - time.monotonic()) / 60)  # noqa: E731
     kw = dict(checkpoint_minutes=checkpoint_minutes, seed=seed, quiet=quiet, compute=compute)
-    say(f"training on {compute.describe()}")
+    say(f"training on {compute.describe()}" + (f", {world} processes" if world > 1 else ""))
     status = {}
 
     if 1 in stages and not _done(run, 1, budgets):
@@ -80,12 +70,13 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
     latents_file = run / "latents.pt"
     if 2 in stages or 3 in stages:
         vq.load_state_dict(load_stage(stage_path(run, 1))["state_dict"])
-        if not latents_file.exists():
+        if not latents_file.exists() and rank == 0:
             from aldm.training.stages import encode_cases
 
             latents = encode_cases(vq, cache, say, device=compute.device)
             with atomic_path(latents_file) as tmp:
                 torch.save(latents, tmp)
+        barrier()
         latents = torch.load(latents_file, map_location="cpu")
     if 2 in stages and not _done(run, 2, budgets):
         status[2] = train_stage2(run, latents, cfg, vq, budget=budgets[2], max_minutes=left(), **kw)
@@ -95,6 +86,28 @@ def run_training(data: str | Path, run: str | Path, *, stages: tuple[int, ...] =
         vq.load_state_dict(load_stage(stage_path(run, 2))["state_dict"])
         status[3] = train_stage3(run, latents, cfg, vq, budget=budgets[3], max_minutes=left(), say=say, **kw)
     return status
+
+
+def _prepare(run: Path, config: LDMConfig, train: list, val: list, preprocessing, say) -> None:
+    """The run folder: cleaned of partial files, its model size and split checked and recorded,
+    the training cases preprocessed (never the held-out ones)."""
+    run.mkdir(parents=True, exist_ok=True)
+    clean_partials(run)  # temporary files a killed run left
+    config_file = run / "config.json"
+    held = json.loads(config_file.read_text()) if config_file.exists() else None
+    if held is None and stage_path(run, 1).exists():  # a run folder from before config.json
+        held = load_stage(stage_path(run, 1)).get("aldm_config")
+    if held is not None and held != json.loads(json.dumps(config.to_dict())):
+        raise UsageError(f"{config_file} holds another model size; use the same --size and widths, "
+                         "or a new --run folder")
+    write_text(config_file, json.dumps(config.to_dict(), indent=1))
+    split_file = run / "split.json"
+    names = {"train": [c.name for c in train], "validation": [c.name for c in val]}
+    if split_file.exists() and json.loads(split_file.read_text()) != names:
+        raise UsageError(f"{split_file} holds another split; use a new --run folder")
+    write_text(split_file, json.dumps(names, indent=1))
+    say(f"{len(train)} training cases, {len(val)} held out: {', '.join(names['validation'])}")
+    cache_cases(train, run / "cache", preprocessing or Preprocessing(), say=say)
 
 
 def _done(run: Path, stage: int, budgets: dict[int, Budget]) -> bool:

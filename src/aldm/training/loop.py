@@ -53,6 +53,105 @@ class Compute:
         return f"{self.device}, {self.precision}" + (f", {self.accum} micro-batches per step" if self.accum > 1 else "")
 
 
+# ------------------------------------------------------------------------------ several processes
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return dist_info()[0] == 0
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Every process takes rank 0's parameters and buffers (identical models before training)."""
+    if dist_info()[1] == 1:
+        return
+    import torch.distributed as dist
+
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type != _comm_device().type:
+            tmp = t.detach().to(_comm_device())
+            dist.broadcast(tmp, 0)
+            t.data.copy_(tmp)
+        else:
+            dist.broadcast(t.data, 0)
+
+
+def broadcast_values(*values: float) -> list[float]:
+    """Rank 0's numbers, on every process (decisions every process must share: stop, lr plan)."""
+    if dist_info()[1] == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.broadcast(t, 0)
+    return t.tolist()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist_info()[1] == 1:
+        return t
+    import torch.distributed as dist
+
+    tmp = t.to(_comm_device())
+    dist.all_reduce(tmp)
+    return tmp.to(t.device)
+
+
+def sync_gradients(params: list[torch.Tensor]) -> None:
+    """Average gradients over the processes (data parallel; what DDP's all-reduce does). A
+    parameter no process computed a gradient for keeps none, as in one process (the optimiser
+    then leaves it alone: unused MS-SPADE class branches)."""
+    rank, world = dist_info()
+    if world == 1:
+        return
+    has = all_reduce_sum(torch.tensor([float(p.grad is not None) for p in params]))
+    used = [p for p, h in zip(params, has.tolist()) if h > 0]
+    if not used:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
+    flat = all_reduce_sum(torch._utils._flatten_dense_tensors(grads)) / world
+    for p, g in zip(used, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = g.to(p.dtype)
+
+
+def init_distributed(compute: "Compute") -> "Compute":
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPUs, nccl on GPUs) and
+    return this process's Compute (cuda -> cuda:LOCAL_RANK). Unchanged in one process."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return compute
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if compute.kind == "cuda":
+        compute = Compute(f"cuda:{local}", compute.precision, compute.accum)
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if compute.kind == "cuda" else "gloo")
+    return compute
+
+
 def backward_step(opt: torch.optim.Optimizer, scaler, compute: Compute,
                   micro: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One optimiser step over `compute.accum` micro-batches: `micro()` (run under autocast)
@@ -70,6 +169,7 @@ def backward_step(opt: torch.optim.Optimizer, scaler, compute: Compute,
         for k, v in out.items():
             v = v.detach().float()
             sums[k] = sums[k] + v if k in sums else v
+    sync_gradients(params)  # several processes: every one steps with the mean gradient
     if scaler.is_enabled():  # fp16: the scaler skips steps with inf/nan gradients itself
         scaler.step(opt)
         scaler.update()
@@ -141,7 +241,11 @@ class Loop:
         self._log_path = stage_dir / "log.csv"
         self._fields: list[str] | None = None
         self._bar = None
-        self._trim_log()
+        self._main = is_main()  # several processes: only rank 0 logs and checkpoints
+        self._world = dist_info()[1]
+        self._planned_shared: int | None = None
+        if self._main:
+            self._trim_log()
 
     def _trim_log(self) -> None:
         """Drop logged rows past the resumed step: that work died with the run that logged it and
@@ -158,14 +262,13 @@ class Loop:
     def __iter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if not self.quiet:
+        if not self.quiet and self._main:
             self._bar = Progress(TextColumn(f"stage {self.state.stage}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
             self._bar.start()
             self._task = self._bar.add_task("", total=self.total, completed=self.state.step, info="")
         try:
-            while self.state.step < self.total and (time.monotonic() < self.deadline
-                                                    or self.state.step - self._first_step < self.min_steps):
+            while self._go():
                 yield self.state.step
                 self.state.step += 1
                 now = time.monotonic()
@@ -179,12 +282,26 @@ class Loop:
             self.checkpoint()
             if self._bar:
                 self._bar.stop()
+            barrier()  # the next stage reads this one's checkpoint
+
+    def _go(self) -> bool:
+        go = self.state.step < self.total and (time.monotonic() < self.deadline
+                                               or self.state.step - self._first_step < self.min_steps)
+        if self._world > 1:  # rank 0's clock decides for every process
+            flag, planned = broadcast_values(float(go), float(self._local_planned()))
+            go, self._planned_shared = bool(flag), int(planned)
+        return go
 
     @property
     def planned(self) -> int:
         """The step this run will stop at: `total`, or fewer where the wall-clock budget ends
         first, estimated from the step time measured so far (for an lr schedule sized to the
-        time: see Budget.decay_frac)."""
+        time: see Budget.decay_frac). Several processes: rank 0's estimate."""
+        if self._planned_shared is not None:
+            return self._planned_shared
+        return self._local_planned()
+
+    def _local_planned(self) -> int:
         if self._timed is None or self.state.step <= self._timed[0]:
             return self.total
         step0, t0 = self._timed
@@ -197,10 +314,13 @@ class Loop:
         return self.state.step >= self.total
 
     def checkpoint(self) -> None:
-        self.save_fn()
+        if self._main:
+            self.save_fn()
         self._last_save = time.monotonic()
 
     def log(self, **values: float) -> None:
+        if not self._main:
+            return
         row = {"step": self.state.step, "elapsed_s": round(self.state.elapsed_s, 1),
                **{k: float(v) for k, v in values.items()}}
         new = not self._log_path.exists()

@@ -27,8 +27,8 @@ from aldm import MODALITIES
 from aldm.models.aldm import ALDM, VQModel
 from aldm.models.config import DDConfig, LDMConfig, UNetConfig, VQConfig
 from aldm.training.data import gamma_jitter, load_cached, sample_patch
-from aldm.training.loop import (Compute, Loop, TrainState, backward_step, load_stage, restore_rng,
-                                save_stage)
+from aldm.training.loop import (Compute, Loop, TrainState, all_reduce_sum, backward_step, broadcast_module,
+                                dist_info, load_stage, restore_rng, save_stage)
 
 SMALL = LDMConfig(
     unet_config=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(4,),
@@ -112,12 +112,26 @@ def _set_lr(opt: torch.optim.Optimizer, budget: Budget, step: int, planned: int 
         group["lr"] = budget.lr_at(step, planned)
 
 
+def _stage_rng(seed: int) -> np.random.Generator:
+    """The stage's sampling stream; with several processes each draws its own patches and noise."""
+    rank, world = dist_info()
+    if world == 1:
+        return np.random.default_rng(seed)
+    torch.manual_seed(seed * 1000 + rank)
+    return np.random.default_rng([seed, rank])
+
+
 def _resume_common(ck: dict, opt, scaler, rng, compute: Compute) -> TrainState:
     t = ck["aldm_train"]
     opt.load_state_dict(t["optimizer"])  # moves the state to the parameters' device
     if "grad_scaler" in t and scaler.is_enabled():
         scaler.load_state_dict(t["grad_scaler"])
-    restore_rng(t["rng"], rng, compute.device)
+    rank, world = dist_info()
+    if world == 1:
+        restore_rng(t["rng"], rng, compute.device)
+    else:  # the file holds rank 0's streams: every process starts a stream of its own instead
+        rng.bit_generator.state = np.random.default_rng([t["seed"], t["stage"], t["step"], rank]).bit_generator.state
+        torch.manual_seed(hash((t["seed"], t["stage"], t["step"], rank)) % 2**31)
     return TrainState(t["stage"], t["step"], t["elapsed_s"], t["seed"], t["extra"])
 
 
@@ -142,12 +156,13 @@ def train_stage1(run: Path, cases: list[Path], cfg: LDMConfig, *, budget: Budget
     params = [p for n, p in vq.named_parameters() if not n.startswith("spade.")]
     opt = torch.optim.Adam(params, lr=budget.lr, betas=(0.5, 0.9))
     scaler = compute.scaler()
-    rng = np.random.default_rng(seed)
+    rng = _stage_rng(seed)
     state = TrainState(1, seed=seed, extra={"codebook_initialised": False})
     ck = _resume(out)
     if ck:
         vq.load_state_dict(ck["state_dict"])
         state = _resume_common(ck, opt, scaler, rng, compute)
+    broadcast_module(vq)
     vols = [load_cached(p) for p in cases]
     usage = torch.zeros(cfg.first_stage_config.n_embed, device=dev)
 
@@ -169,6 +184,7 @@ def train_stage1(run: Path, cases: list[Path], cfg: LDMConfig, *, budget: Budget
             h = vq.quant_conv(vq.encoder(x))
             if not state.extra["codebook_initialised"] and step >= warmup:
                 _init_codebook(vq, h.float(), rng)
+                broadcast_module(vq.quantize)  # several processes: rank 0's codebook
                 state.extra["codebook_initialised"] = True
             if state.extra["codebook_initialised"]:
                 with torch.autocast(compute.kind, enabled=False):  # nearest codes in fp32
@@ -191,7 +207,8 @@ def train_stage1(run: Path, cases: list[Path], cfg: LDMConfig, *, budget: Budget
         if not logged.pop("finite"):
             state.extra["skipped_steps"] = state.extra.get("skipped_steps", 0) + 1
         if state.extra["codebook_initialised"] and step % 200 == 199:
-            _restart_dead_codes(vq, last_h[0], usage, rng)
+            _restart_dead_codes(vq, last_h[0], all_reduce_sum(usage), rng)
+            broadcast_module(vq.quantize)
             usage.zero_()
         if step % 10 == 0:
             loop.log(loss=logged["loss"].item(), l1=logged["l1"].item(),
@@ -258,12 +275,13 @@ def train_stage2(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
     latents = latents.to(dev)
     opt = torch.optim.Adam(vq.spade.parameters(), lr=budget.lr, betas=(0.5, 0.9))
     scaler = compute.scaler()
-    rng = np.random.default_rng(seed + 2)
+    rng = _stage_rng(seed + 2)
     state = TrainState(2, seed=seed)
     ck = _resume(out)
     if ck:
         vq.load_state_dict(ck["state_dict"])
         state = _resume_common(ck, opt, scaler, rng, compute)
+    broadcast_module(vq.spade)
 
     def save():
         save_stage(out, vq.state_dict(), state, config=cfg.to_dict(), optimizer=opt, rng=rng,
@@ -315,7 +333,7 @@ def train_stage3(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=budget.lr, weight_decay=0.0)
     scaler = compute.scaler()
-    rng = np.random.default_rng(seed + 3)
+    rng = _stage_rng(seed + 3)
     state = TrainState(3, seed=seed, extra={"scale_factor": scale})
     ck = _resume(out)
     if ck:
@@ -327,6 +345,9 @@ def train_stage3(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
         state = _resume_common(ck, opt, scaler, rng, compute)
         scale = state.extra["scale_factor"]
         model.config = cfg = dataclasses.replace(cfg, scale_factor=scale)
+    if dist_info()[1] > 1:
+        broadcast_module(unet)
+        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if not ck else ema
 
     spade = model.first_stage_model.spade
     pairs: dict[tuple[int, int, int], torch.Tensor] = {}
