@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -193,38 +192,7 @@ GOOD = b"a serialized engine" * 50
 EVIL = b"another engine, same length!" * 34
 
 
-class FakeTensorRT(types.ModuleType):
-    """Just enough of `tensorrt` for TrtRunner.activate; records every deserialisation with the
-    bytes it got and whether host code was allowed at that moment."""
-
-    def __init__(self):
-        super().__init__("tensorrt")
-        self.__version__ = "10.99.0"
-        self.deserialized: list[dict] = []
-        fake = self
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, level=None):
-                pass
-
-        class Engine:
-            num_io_tensors = 0
-
-            def create_execution_context(self):
-                return object()
-
-        class Runtime:
-            def __init__(self, logger):
-                self.engine_host_code_allowed = False
-
-            def deserialize_cuda_engine(self, data):
-                fake.deserialized.append({"bytes": bytes(data), "host_code": self.engine_host_code_allowed})
-                return Engine()
-
-        self.Logger, self.Runtime = Logger, Runtime
-        self.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+from test_trt_plan import FakeTensorRT  # noqa: E402 - one fake TensorRT for every engine test
 
 
 @pytest.fixture
@@ -262,14 +230,14 @@ def test_a_registered_engine_is_deserialized_without_host_code(folder, fake_trt)
     md = ModelDir(folder)
     r = runner(md, register(md, GOOD))
     r.activate()
-    assert fake_trt.deserialized == [{"bytes": GOOD, "host_code": False}]
+    assert fake_trt.deserialized == [(GOOD, False)]
     r.deactivate()
 
 
 def test_host_code_is_allowed_only_for_an_engine_registered_version_compatible(folder, fake_trt):
     md = ModelDir(folder)
     runner(md, register(md, GOOD, version_compatible=True)).activate()
-    assert fake_trt.deserialized == [{"bytes": GOOD, "host_code": True}]
+    assert fake_trt.deserialized == [(GOOD, True)]
 
 
 def test_an_engine_changed_after_registration_is_refused_before_deserialize(folder, fake_trt):
@@ -345,4 +313,4 @@ def test_the_bytes_deserialized_are_the_bytes_hashed(folder, fake_trt, monkeypat
     monkeypatch.setattr(os, "open", swap_after(os.open))
     runner(md, engine).activate()
     assert opened, "the engine was never opened"
-    assert [d["bytes"] for d in fake_trt.deserialized] == [GOOD]
+    assert [b for b, _ in fake_trt.deserialized] == [GOOD]
