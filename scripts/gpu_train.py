@@ -140,7 +140,7 @@ def check_limits(out: Path) -> dict:
     return {"ok": ok, "files": len(files), "total_bytes": sum(sizes.values()), "bytes": sizes, "limits": LIMITS}
 
 
-def merge(files: Path, pack_dir: Path, out: Path) -> Path:
+def merge(files: Path, pack_dir: Path, out: Path, model_dir: Path | None = None) -> Path:
     """Shards + the pack's frozen VQ-GAN -> one fp32 official LDM checkpoint (EMA UNet weights,
     also as the raw weights: the raw ones do not come back)."""
     from aldm.models.loader import ema_name
@@ -158,12 +158,12 @@ def merge(files: Path, pack_dir: Path, out: Path) -> Path:
         raise SystemExit(f"{files}: no spade-K.ckpt shards")
     if not parts["unet"]:
         raise SystemExit(f"{files}: no unet-K.ckpt shards (stage 3 did not finish); the SPADE alone is not an LDM")
-    _, frozen = packs.first_stage(pack_dir)
+    _, frozen = packs.first_stage(pack_dir, model_dir)
     scale = float(meta.get("scale_factor", cfg.scale_factor))
     cfg = dataclasses.replace(cfg, scale_factor=scale)
     model = ALDM(cfg)
     fs = {**frozen, **{k.removeprefix("first_stage_model."): v.float() for k, v in parts["spade"].items()}}
-    model.first_stage_model.load_state_dict(fs)
+    model.first_stage_model.load_state_dict(fs)  # strict: every frozen weight is there
     unet = model.model.diffusion_model
     ema = {k: parts["unet"][ema_name(k)].to(v.dtype) for k, v in unet.state_dict().items()}
     unet.load_state_dict(ema)
@@ -224,7 +224,7 @@ def train(args) -> int:
 
     pk = packs.read_pack(args.pack)
     latents = packs.latents(pk)
-    base, frozen = packs.first_stage(args.pack)
+    base = packs.config_of(args.pack)  # the frozen VQ-GAN's weights are not needed to train 2-3
     cfg = choose(args.size, base, args.unet_channels, args.spade_nf)
     nbytes, n_spade, n_unet = returned_bytes(cfg)
     if not fits(cfg) and not args.ignore_limits:
@@ -238,10 +238,7 @@ def train(args) -> int:
           f"{nbytes / MiB:.1f} MiB back in bf16", flush=True)
 
     torch.manual_seed(args.seed)
-    vq = VQModel(cfg.first_stage_config)
-    missing = vq.load_state_dict(frozen, strict=False).missing_keys
-    if any(not k.startswith("spade.") for k in missing):
-        raise SystemExit(f"the pack's first stage lacks {[k for k in missing if not k.startswith('spade.')][:5]}")
+    vq = VQModel(cfg.first_stage_config)  # encoder/decoder unused here (merge puts the frozen ones in)
     vq.requires_grad_(False)
     vq.spade.requires_grad_(True)
     reserve = min(0.5, 0.15 * args.minutes) * 60  # seconds kept for the last save and the files
@@ -298,14 +295,17 @@ def main(argv=None) -> int:
         ap.add_argument("--files", type=Path, required=True, help="the folder the device's files came back in")
         ap.add_argument("--pack", type=Path, default=ROOT / "gpu_pack")
         ap.add_argument("--out", type=Path, required=True)
+        ap.add_argument("--model", type=Path, default=None,
+                        help="model folder whose encoder/decoder graphs hold the frozen VQ-GAN (default: the pack's)")
         a = ap.parse_args(argv[1:])
-        print(f"wrote {merge(a.files, a.pack, a.out)}")
+        print(f"wrote {merge(a.files, a.pack, a.out, a.model)}")
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pack", type=Path, default=ROOT / "gpu_pack")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_train_out"))
-    ap.add_argument("--run", type=Path, default=Path("/tmp/aldm_gpu_run"),
-                    help="working run folder (full checkpoints with optimiser state; not returned)")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="working run folder (full checkpoints with optimiser state; not returned). "
+                         "Default: a new folder under /tmp")
     ap.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     ap.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                     help="autocast: bf16 on cuda, fp32 on cpu by default")
@@ -328,6 +328,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ignore-limits", action="store_true")
     args = ap.parse_args(argv)
+    if args.run is None:  # a fresh one each call: a warm machine keeps /tmp between calls
+        import tempfile
+
+        args.run = Path(tempfile.mkdtemp(prefix="aldm_gpu_run_"))
     if args.run.exists() and any(args.run.iterdir()):
         raise SystemExit(f"{args.run} is not empty: give a new --run (this script starts from scratch)")
     return train(args)

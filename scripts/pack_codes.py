@@ -89,11 +89,17 @@ def main(argv=None) -> int:
             flipped.append(flip)
         print(f"  {case.name}: {time.monotonic() - t0:.0f} s", flush=True)
 
-    fs = {k: v for k, v in weights.items()}
+    try:  # the frozen VQ-GAN is read back from the model folder's graphs (pack.first_stage)
+        model = str(args.model.resolve().relative_to(ROOT))
+    except ValueError:
+        model = str(args.model.resolve())
+    dec_file = args.model / manifest["components"]["decoder"]["file"]
     info = pack.write_pack(args.out, codes=np.stack(codes), codebook=codebook, cases=cases, flipped=flipped,
-                           modalities=list(MODALITIES), config=config, first_stage=fs,
-                           meta={"data": str(args.data), "encoder": enc_file.name,
-                                 "encoder_sha256": pack.sha256(enc_file), "held_out": [c.name for c in val],
+                           modalities=list(MODALITIES), config=config,
+                           meta={"data": str(args.data), "model": model, "encoder": enc_file.name,
+                                 "encoder_sha256": pack.sha256(enc_file),
+                                 "model_sha256": {f.name: pack.sha256(f) for f in (enc_file, dec_file)},
+                                 "held_out": [c.name for c in val],
                                  "held_out_asked": held, "flips": not args.no_flips,
                                  "preprocessing": manifest["preprocessing"],
                                  "round_trip": "every latent vector is exactly its codebook row"})

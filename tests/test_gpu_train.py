@@ -132,6 +132,9 @@ def test_pack_codes_encodes_training_cases_only(tmp_path):
     assert pk["codes"].shape == (1, 4, 36, 48, 36) and pk["codes"].dtype == np.uint16
     assert pk["modalities"].tolist() == ["t1", "t1ce", "t2", "flair"]
     assert pk["meta"]["encoder_sha256"] == json.loads(MANIFEST.read_text())["files"]["encoder.onnx"]
+    assert not (tmp_path / "p" / "first_stage.ckpt").exists()  # rebuilt from the model's graphs
+    cfg, frozen = packs.first_stage(tmp_path / "p")
+    assert torch.equal(frozen["quantize.embedding.weight"], torch.from_numpy(pk["codebook"]))
 
 
 def test_a_stage_out_of_gpu_memory_resumes_with_half_the_batch():
@@ -147,3 +150,30 @@ def test_a_stage_out_of_gpu_memory_resumes_with_half_the_batch():
     summary = {}
     done = gpu_train.halving_on_oom(stage, Budget(10, 8, 1e-3, 48), summary)
     assert tried == [8, 4, 2] and done.batch == 2 and summary["oom_fallbacks"] == ["batch 8 -> 4", "batch 4 -> 2"]
+
+
+def test_pack_rebuilds_the_frozen_vq_gan_from_the_checked_graphs(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "gpu_pack", tmp_path / "p")
+    cfg, frozen = packs.first_stage(tmp_path / "p")
+    vq = VQModel(cfg.first_stage_config)
+    missing = vq.load_state_dict(frozen, strict=False).missing_keys
+    assert missing and all(k.startswith("spade.") for k in missing)
+    assert torch.equal(frozen["quantize.embedding.weight"], torch.from_numpy(packs.read_pack(tmp_path / "p")["codebook"]))
+    meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+    meta["model_sha256"]["decoder.onnx"] = "0" * 64
+    (tmp_path / "p" / "pack.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="not the graph this pack was encoded with"):
+        packs.first_stage(tmp_path / "p")
+
+
+def test_the_committed_pack_holds_training_cases_only():
+    """Never the held-out cases: the bundled model's three (docs/model-card.md) and Brats18_TCIA01_499_1."""
+    pk = packs.read_pack(ROOT / "gpu_pack")
+    held = {"Brats18_2013_20_1", "Brats18_TCIA01_201_1", "Brats18_TCIA03_265_1", "Brats18_TCIA01_499_1"}
+    assert set(pk["meta"]["held_out"]) == held
+    assert not held & set(pk["cases"].tolist()) and not held & set(pk["meta"]["cases"])
+    assert pk["codes"].dtype == np.uint16 and pk["codes"].shape[1:] == (4, 36, 48, 36)
+    assert int(pk["codes"].max()) < len(pk["codebook"])
+    assert sum(f.stat().st_size for f in (ROOT / "gpu_pack").iterdir()) <= 15 * 10**6

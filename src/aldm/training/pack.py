@@ -7,10 +7,13 @@ quantized latent is a codebook row per latent voxel. A pack folder holds
   optionally its left-right mirror) in modality order `modalities`; `codebook` float32 (K, C);
   `cases` and `flipped` (one entry per volume); `scale_factor` (1/std of the packed latents, what
   the UNet's inputs are multiplied by);
-- `first_stage.ckpt`: the frozen VQ-GAN (encoder, quantizer, decoder; official names, fp32) and its
-  config (`aldm_config`), so that trained SPADE + UNet weights assemble into a complete checkpoint;
-- `pack.json`: provenance: source data folder, encoder file and sha256, held-out cases (never
-  encoded), preprocessing, counts.
+- `pack.json`: the packing model's config and provenance: source data folder, the model folder and
+  the sha256 of its encoder and decoder graphs, held-out cases (never encoded), preprocessing, counts.
+
+The frozen VQ-GAN (encoder, quantizer, decoder), which trained SPADE + UNet weights are assembled
+with into a complete checkpoint, is read back from that model folder's ONNX graphs (`first_stage`),
+checked against the recorded sha256: 2.4 MB less to carry in a device call's 64 MiB working tree.
+A pack of another model may hold it instead (`first_stage.ckpt`, official names, fp32).
 
 Needs numpy only to read the codes; torch for `latents` and the checkpoint.
 """
@@ -75,7 +78,9 @@ def codes_of(z_q: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 def write_pack(out: str | Path, *, codes: np.ndarray, codebook: np.ndarray, cases: list[str],
                flipped: list[bool], modalities: list[str], config: dict,
-               first_stage: dict[str, np.ndarray], meta: dict[str, Any]) -> dict:
+               first_stage: dict[str, np.ndarray] | None = None, meta: dict[str, Any]) -> dict:
+    """`first_stage`: VQ-GAN weights to store in the pack; None: `meta` names the model folder
+    (`model`, `model_sha256`) they are read back from."""
     """Write a pack folder; returns its pack.json content."""
     import torch
 
@@ -90,12 +95,17 @@ def write_pack(out: str | Path, *, codes: np.ndarray, codebook: np.ndarray, case
         np.savez_compressed(f, codes=codes, codebook=codebook.astype(np.float32),
                             cases=np.array(cases), flipped=np.array(flipped, bool),
                             modalities=np.array(modalities), scale_factor=np.float64(scale))
-    sd = {f"first_stage_model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in first_stage.items()}
-    save_official(out / FIRST_STAGE, sd, extra={"aldm_config": config})
-    info = {**meta, "volumes": int(codes.shape[0]), "cases": sorted(set(cases)),
+    files = [out / CODES]
+    if first_stage is not None:
+        sd = {f"first_stage_model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in first_stage.items()}
+        save_official(out / FIRST_STAGE, sd, extra={"aldm_config": config})
+        files.append(out / FIRST_STAGE)
+    elif not meta.get("model"):
+        raise ValueError("a pack without first_stage weights must name its model folder (meta['model'])")
+    info = {**meta, "config": config, "volumes": int(codes.shape[0]), "cases": sorted(set(cases)),
             "latent_shape": list(codes.shape[2:]), "codebook": list(codebook.shape),
             "modalities": list(modalities), "scale_factor": scale,
-            "bytes": {p.name: p.stat().st_size for p in (out / CODES, out / FIRST_STAGE)}}
+            "bytes": {p.name: p.stat().st_size for p in files}}
     write_text(out / META, json.dumps(info, indent=1))
     return info
 
@@ -120,13 +130,37 @@ def latents(pack: dict[str, Any]):
     return cb[idx].permute(0, 1, 5, 2, 3, 4).contiguous()
 
 
-def first_stage(path: str | Path):
-    """(LDMConfig of the packing model, its frozen VQ-GAN weights without `first_stage_model.`;
-    no SPADE: load them with strict=False into a VQModel whose SPADE is trained next)."""
-    from aldm.models.checkpoint import read_checkpoint
-
-    ck = read_checkpoint(Path(path) / FIRST_STAGE)
+def config_of(path: str | Path):
+    """The LDMConfig the pack was made with (its first stage is the frozen VQ-GAN)."""
     from aldm.models.config import LDMConfig
 
-    return LDMConfig.from_dict(ck["aldm_config"]), {k.removeprefix("first_stage_model."): v
-                                                    for k, v in ck["state_dict"].items()}
+    return LDMConfig.from_dict(json.loads((Path(path) / META).read_text())["config"])
+
+
+def first_stage(path: str | Path, model_dir: str | Path | None = None):
+    """(LDMConfig of the packing model, its frozen VQ-GAN weights as torch tensors, names without
+    `first_stage_model.`; no SPADE: load them with strict=False into a VQModel whose SPADE is
+    trained next). From `first_stage.ckpt` if the pack holds one, else from the model folder's
+    ONNX graphs (`model_dir`, default the one pack.json names, relative to the repository),
+    refused unless their sha256 are the recorded ones."""
+    import torch
+
+    path = Path(path)
+    if (path / FIRST_STAGE).exists():
+        from aldm.models.checkpoint import read_checkpoint
+        from aldm.models.config import LDMConfig
+
+        ck = read_checkpoint(path / FIRST_STAGE)
+        return LDMConfig.from_dict(ck["aldm_config"]), {k.removeprefix("first_stage_model."): v
+                                                        for k, v in ck["state_dict"].items()}
+    meta = json.loads((path / META).read_text())
+    model = Path(model_dir or meta["model"])
+    if not model.is_absolute() and not model.exists():
+        model = Path(__file__).resolve().parents[3] / model  # relative to the repository root
+    for name, want in meta.get("model_sha256", {}).items():
+        got = sha256(model / name)
+        if got != want:
+            raise InputError(f"{model / name} is not the graph this pack was encoded with "
+                             f"(sha256 {got[:12]}, pack {want[:12]})")
+    _, weights = onnx_first_stage(model)
+    return config_of(path), {k: torch.from_numpy(v) for k, v in weights.items()}
