@@ -21,7 +21,13 @@ fp32 official checkpoint that `aldm.models.load_official` (and `aldm export`) re
     python scripts/gpu_train.py merge --files DIR --pack gpu_pack --out runs/gpu/last.ckpt
 
 The default width (`--size auto`) is the widest fraction of the official widths (1, 3/4, 1/2,
-1/4 of UNet 128 channels and MS-SPADE nf 128 / hidden 64) whose returned files fit the limits.
+1/4 of UNet 128 channels and MS-SPADE nf 128 / hidden 64) whose returned files fit the limits:
+3/4 (UNet 96, MS-SPADE 96/48; 29.4 M parameters, 56.5 MiB in bf16).
+
+`--init DIR` continues from the files an earlier call returned (`--stage2-share 0` spends the call
+on the UNet): same widths, the SPADE and the UNet's EMA as starting weights, fresh optimisers.
+On the device the files must travel in the 64 MiB tree, which has ~3 MiB of room today: see
+scripts/gpu_train.sh.
 """
 
 from __future__ import annotations
@@ -140,13 +146,10 @@ def check_limits(out: Path) -> dict:
     return {"ok": ok, "files": len(files), "total_bytes": sum(sizes.values()), "bytes": sizes, "limits": LIMITS}
 
 
-def merge(files: Path, pack_dir: Path, out: Path, model_dir: Path | None = None) -> Path:
-    """Shards + the pack's frozen VQ-GAN -> one fp32 official LDM checkpoint (EMA UNet weights,
-    also as the raw weights: the raw ones do not come back)."""
-    from aldm.models.loader import ema_name
-
-    parts = {"spade": {}, "unet": {}}
-    cfg = meta = None
+def read_shards(files: Path) -> tuple[dict, LDMConfig | None, dict]:
+    """({"spade": official-name weights, "unet": model_ema.* weights}, config, shard info)."""
+    parts: dict[str, dict] = {"spade": {}, "unet": {}}
+    cfg, meta = None, {}
     for p in sorted(files.glob("*-*.ckpt")):
         ck = read_checkpoint(p)
         shard = ck.get("aldm_shard") or {}
@@ -154,6 +157,22 @@ def merge(files: Path, pack_dir: Path, out: Path, model_dir: Path | None = None)
             parts[shard["part"]].update(ck["state_dict"])
             cfg = LDMConfig.from_dict(ck["aldm_config"])
             meta = shard if shard["part"] == "unet" else meta or shard
+    return parts, cfg, meta
+
+
+def unet_weights(parts: dict, cfg: LDMConfig) -> dict[str, torch.Tensor]:
+    """UNet parameter names -> fp32 weights, from the returned EMA."""
+    from aldm.models.loader import ema_name
+
+    with torch.device("meta"):
+        names = list(ALDM(cfg).model.diffusion_model.state_dict())
+    return {k: parts["unet"][ema_name(k)].float() for k in names}
+
+
+def merge(files: Path, pack_dir: Path, out: Path, model_dir: Path | None = None) -> Path:
+    """Shards + the pack's frozen VQ-GAN -> one fp32 official LDM checkpoint (EMA UNet weights,
+    also as the raw weights: the raw ones do not come back)."""
+    parts, cfg, meta = read_shards(files)
     if cfg is None or not parts["spade"]:
         raise SystemExit(f"{files}: no spade-K.ckpt shards")
     if not parts["unet"]:
@@ -165,7 +184,7 @@ def merge(files: Path, pack_dir: Path, out: Path, model_dir: Path | None = None)
     fs = {**frozen, **{k.removeprefix("first_stage_model."): v.float() for k, v in parts["spade"].items()}}
     model.first_stage_model.load_state_dict(fs)  # strict: every frozen weight is there
     unet = model.model.diffusion_model
-    ema = {k: parts["unet"][ema_name(k)].to(v.dtype) for k, v in unet.state_dict().items()}
+    ema = unet_weights(parts, cfg)
     unet.load_state_dict(ema)
     sd = model.official_state_dict()
     sd["scale_factor"] = torch.tensor(scale)
@@ -226,6 +245,12 @@ def train(args) -> int:
     latents = packs.latents(pk)
     base = packs.config_of(args.pack)  # the frozen VQ-GAN's weights are not needed to train 2-3
     cfg = choose(args.size, base, args.unet_channels, args.spade_nf)
+    init, init_cfg, init_meta = read_shards(args.init) if args.init else ({}, None, {})
+    if args.init:  # continue an earlier call: its widths, its SPADE and its UNet EMA
+        if init_cfg is None or not init["spade"]:
+            raise SystemExit(f"--init {args.init}: no spade-K.ckpt shards")
+        cfg = with_widths(base, init_cfg.unet_config, init_cfg.first_stage_config.spade_nf,
+                          init_cfg.first_stage_config.spade_nhidden)
     nbytes, n_spade, n_unet = returned_bytes(cfg)
     if not fits(cfg) and not args.ignore_limits:
         raise SystemExit(f"--size {args.size}: {nbytes / MiB:.1f} MiB of bf16 weights would not come back "
@@ -241,6 +266,11 @@ def train(args) -> int:
     vq = VQModel(cfg.first_stage_config)  # encoder/decoder unused here (merge puts the frozen ones in)
     vq.requires_grad_(False)
     vq.spade.requires_grad_(True)
+    if args.init:
+        vq.spade.load_state_dict({k.removeprefix("first_stage_model.spade."): v.float() for k, v in init["spade"].items()})
+    init_unet = unet_weights(init, cfg) if init.get("unet") else None
+    previous = {"from": str(args.init), "stage2_steps": init_meta.get("stage2_steps", 0),
+                "stage3_steps": init_meta.get("stage3_steps", 0)} if args.init else None
     reserve = min(0.5, 0.15 * args.minutes) * 60  # seconds kept for the last save and the files
     b2 = Budget(args.max_steps, batch, args.lr2, patch, decay_frac=args.decay_frac)
     b3 = Budget(args.max_steps, batch, args.lr3, patch, decay_frac=args.decay_frac)
@@ -251,32 +281,40 @@ def train(args) -> int:
     if cuda:
         summary["gpu"] = torch.cuda.get_device_name(device)
 
-    stage2_end = time.monotonic() + args.stage2_share * max(0.0, deadline - time.monotonic() - reserve)
-    b2 = halving_on_oom(lambda b: train_stage2(run, latents, cfg, vq, budget=b,
-                                               max_minutes=max(0.0, stage2_end - time.monotonic()) / 60,
-                                               **common), b2, summary)
-    summary["stage2"] = stage_numbers(run, 2, b2, compute)
-    print(f"stage 2: {summary['stage2']}", flush=True)
+    if previous:
+        summary["continued"] = previous
+    total2 = previous["stage2_steps"] if previous else 0
+    if args.stage2_share > 0:
+        stage2_end = time.monotonic() + args.stage2_share * max(0.0, deadline - time.monotonic() - reserve)
+        b2 = halving_on_oom(lambda b: train_stage2(run, latents, cfg, vq, budget=b,
+                                                   max_minutes=max(0.0, stage2_end - time.monotonic()) / 60,
+                                                   **common), b2, summary)
+        summary["stage2"] = stage_numbers(run, 2, b2, compute)
+        total2 += summary["stage2"]["steps"]
+        print(f"stage 2: {summary['stage2']}", flush=True)
     spade_sd = {f"first_stage_model.spade.{k}": v for k, v in vq.spade.state_dict().items()}
-    files = write_shards(out, "spade", spade_sd, cfg, {"step": summary["stage2"]["steps"], "scale_factor": scale})
+    files = write_shards(out, "spade", spade_sd, cfg, {"step": total2, "stage2_steps": total2,
+                                                       "scale_factor": scale})
 
     b3 = halving_on_oom(lambda b: train_stage3(run, latents, cfg, vq, budget=b, say=print, scale=scale,
                                                max_minutes=max(0.0, deadline - time.monotonic() - reserve) / 60,
-                                               **common), b3, summary)
+                                               init_unet=init_unet, **common), b3, summary)
     summary["stage3"] = stage_numbers(run, 3, b3, compute)
+    total3 = (previous["stage3_steps"] if previous else 0) + summary["stage3"]["steps"]
     print(f"stage 3: {summary['stage3']}", flush=True)
     sd3 = read_checkpoint(stage_path(run, 3))["state_dict"]
     ema = {k: v for k, v in sd3.items() if k.startswith("model_ema.") and k not in
            ("model_ema.decay", "model_ema.num_updates")}
-    files += write_shards(out, "unet", ema, cfg, {"step": summary["stage3"]["steps"], "scale_factor": scale,
-                                                  "ema": True})
+    files += write_shards(out, "unet", ema, cfg, {"step": total3, "stage2_steps": total2, "stage3_steps": total3,
+                                                  "scale_factor": scale, "ema": True})
     if cuda:
         summary["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     with open(out / "log.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["stage", "step", "elapsed_s", "loss"])
         for stage in (2, 3):
-            for r in csv.DictReader(open(stage_path(run, stage).parent / "log.csv")):
+            log = stage_path(run, stage).parent / "log.csv"
+            for r in csv.DictReader(open(log)) if log.exists() else []:
                 w.writerow([stage, r["step"], r["elapsed_s"], r["loss"]])
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -327,7 +365,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ignore-limits", action="store_true")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="files an earlier call returned: continue from its SPADE and UNet EMA (its widths; "
+                         "the optimisers restart). With --stage2-share 0 stage 2 is not trained again")
     args = ap.parse_args(argv)
+    if args.stage2_share <= 0 and not args.init:
+        raise SystemExit("--stage2-share 0 needs --init (a trained SPADE to condition stage 3 on)")
     if args.run is None:  # a fresh one each call: a warm machine keeps /tmp between calls
         import tempfile
 

@@ -115,6 +115,19 @@ def test_dry_run_on_cpu_returns_files_within_the_limits_that_merge_into_a_loadab
     k = next(iter(spade))
     assert torch.equal(fs[k.removeprefix("first_stage_model.")], spade[k].float())
 
+    # a later call continues from these files: same widths, SPADE kept (stage 2 skipped), UNet from its EMA
+    out2 = tmp_path / "out2"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_train.py"), "--device", "cpu", "--minutes", "0.05",
+                          "--pack", str(tmp_path / "pack"), "--out", str(out2), "--patch", "8", "--min-steps", "2",
+                          "--init", str(out), "--stage2-share", "0", "--run", str(tmp_path / "run2")], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert "stage2" not in s2 and s2["continued"]["stage3_steps"] == summary["stage3"]["steps"]
+    assert read_checkpoint(out2 / "spade-0.ckpt")["state_dict"][k].equal(spade[k])
+    again = load_official(gpu_train.merge(out2, tmp_path / "pack", tmp_path / "last2.ckpt"))
+    assert read_checkpoint(tmp_path / "last2.ckpt")["global_step"] == summary["stage3"]["steps"] + s2["stage3"]["steps"]
+    assert again.config.unet_config.model_channels == 32
+
 
 def test_pack_codes_encodes_training_cases_only(tmp_path):
     data = tmp_path / "data"

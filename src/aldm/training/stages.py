@@ -317,8 +317,10 @@ def train_stage2(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
 def train_stage3(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, *, budget: Budget,
                  max_minutes: float, checkpoint_minutes: float, seed: int, quiet: bool = False,
                  say: Callable[[str], None] = print, compute: Compute = Compute(),
-                 scale: float | None = None, min_steps: int = 0) -> bool:
-    """`scale`: the latent scale factor (default 1/std of `latents`, fixed at the first run)."""
+                 scale: float | None = None, min_steps: int = 0,
+                 init_unet: dict[str, torch.Tensor] | None = None) -> bool:
+    """`scale`: the latent scale factor (default 1/std of `latents`, fixed at the first run).
+    `init_unet`: UNet weights to start from (a fresh run folder only; e.g. an earlier run's EMA)."""
     out = stage_path(run, 3)
     out.parent.mkdir(parents=True, exist_ok=True)
     dev = compute.device
@@ -345,6 +347,9 @@ def train_stage3(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
         state = _resume_common(ck, opt, scaler, rng, compute)
         scale = state.extra["scale_factor"]
         model.config = cfg = dataclasses.replace(cfg, scale_factor=scale)
+    elif init_unet is not None:
+        unet.load_state_dict(init_unet)
+        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     if dist_info()[1] > 1:
         broadcast_module(unet)
         ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if not ck else ema
