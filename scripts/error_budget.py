@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from aldm import MODALITIES
-from aldm.evaluate import Row, normalise, score, summarise, to_markdown, write_reports
+from aldm.evaluate import Row, match_histogram, quantile_function, score, summarise, to_markdown, write_reports
 from aldm.models.aldm import VQModel
 from aldm.models.config import LDMConfig
 from aldm.runtime.manifest import Preprocessing
@@ -30,7 +30,6 @@ from aldm.training.data import cache_cases, find_cases
 from aldm.training.loop import load_stage
 
 TASKS = [("t1", "t2"), ("t1", "flair"), ("t1", "t1ce"), ("t2", "flair"), ("flair", "t2")]
-QUANTILES = np.linspace(0, 1, 201)
 
 
 def brain(vols: np.ndarray) -> np.ndarray:
@@ -44,13 +43,8 @@ def histogram_template(cache: list[Path]) -> dict[str, np.ndarray]:
         vols = np.load(p)["vols"].astype(np.float32)
         mask = brain(vols)
         for i, m in enumerate(MODALITIES):
-            qs[m].append(np.quantile(normalise(vols[i], mask)[mask], QUANTILES))
+            qs[m].append(quantile_function(vols[i], mask))
     return {m: np.mean(q, 0) for m, q in qs.items()}
-
-
-def match_histogram(v: np.ndarray, mask: np.ndarray, template: np.ndarray) -> np.ndarray:
-    own = np.quantile(v[mask], QUANTILES) + np.arange(len(QUANTILES)) * 1e-9  # strictly increasing
-    return np.where(mask, np.interp(v, own, template), 0)
 
 
 def validation_cache(run: Path, data: Path) -> list[Path]:

@@ -66,3 +66,37 @@ def test_resampling_through_affines():
     out = resample_to_grid(data, eye, half, data.shape)
     np.testing.assert_allclose(out[:, :, 0], (data[:, :, 0] + data[:, :, 1]) / 2, rtol=1e-6)
     np.testing.assert_allclose(out[:, :, -1], 0.5 * data[:, :, -1], rtol=1e-6)
+
+
+def test_identity_plus_histogram_baseline_uses_the_other_cases_targets(tmp_path):
+    """aldm eval --baselines: the source mapped onto the mean target histogram of the *other*
+    reference cases; for a monotonic contrast change it beats the identity by far."""
+    import json
+
+    from aldm.evaluate import HistogramTemplates, evaluate, quantile_function
+    from conftest import synthetic_volume, write_nifti
+
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    pred.mkdir()
+    for i in range(3):
+        case = f"case{i}"
+        (ref / case).mkdir(parents=True)
+        t1 = synthetic_volume(seed=i).astype(np.float32)
+        t2 = np.where(t1 > 0, (t1 / 1000.0) ** 3 * 800 + 10 * i, 0).astype(np.float32)
+        src = write_nifti(ref / case / f"{case}_t1.nii.gz", t1)
+        write_nifti(ref / case / f"{case}_t2.nii.gz", t2)
+        write_nifti(pred / f"{case}_t1_t2.nii.gz", t1)  # a "model" that returns its input
+        (pred / f"{case}_t1_t2.json").write_text(json.dumps(
+            {"source": str(src), "target": "t2", "output": f"{case}_t1_t2.nii.gz", "source_modality": "t1"}))
+    rows = evaluate(pred, ref, baselines=True)
+    by = {(r.case, r.method): r for r in rows}
+    for i in range(3):
+        assert by[(f"case{i}", "identity+hist")].psnr > by[(f"case{i}", "identity")].psnr + 5
+    templates = HistogramTemplates(ref)
+    own = {}
+    for i in range(3):
+        import nibabel as nib
+
+        v = np.asarray(nib.load(str(ref / f"case{i}" / f"case{i}_t2.nii.gz")).dataobj, np.float32)
+        own[i] = quantile_function(v, v > 0)
+    np.testing.assert_allclose(templates.without("case0", "t2"), (own[1] + own[2]) / 2)

@@ -155,6 +155,43 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, ref_affine: np.ndarra
     return out
 
 
+QUANTILES = np.linspace(0, 1, 201)
+
+
+def quantile_function(v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The volume's intensity quantiles inside the mask, normalised as the metrics do."""
+    return np.quantile(normalise(v, mask)[mask], QUANTILES)
+
+
+def match_histogram(v: np.ndarray, mask: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """`v` with its histogram inside the mask mapped onto the quantile function `template`."""
+    own = np.quantile(v[mask], QUANTILES) + np.arange(len(QUANTILES)) * 1e-9  # strictly increasing
+    return np.where(mask, np.interp(v, own, template), 0)
+
+
+class HistogramTemplates:
+    """Mean quantile function of a modality over the reference folder's cases, leaving out the
+    case being scored (the identity + histogram baseline never sees its own target)."""
+
+    def __init__(self, ref_root: Path):
+        self.ref_root, self._per_case = ref_root, {}
+
+    def _cases(self, target: str) -> dict[str, np.ndarray]:
+        if target not in self._per_case:
+            qs = {}
+            for d in sorted(p for p in self.ref_root.iterdir() if p.is_dir()):
+                f = _reference_for(d.name, target, self.ref_root)
+                if f is not None:
+                    v = _load(f)
+                    qs[d.name] = quantile_function(v, v > 0)
+            self._per_case[target] = qs
+        return self._per_case[target]
+
+    def without(self, case: str, target: str) -> np.ndarray | None:
+        others = [q for c, q in self._cases(target).items() if c != case]
+        return np.mean(others, axis=0) if others else None
+
+
 def _reference_for(case: str, target: str, ref_root: Path) -> Path | None:
     from aldm import MODALITY_ALIASES as ALIASES
 
@@ -173,7 +210,9 @@ def evaluate(pred: str | Path, ref: str | Path, *, baselines: bool = False) -> l
     """Score one prediction file against one reference file (resampled through the affines onto
     the prediction's grid when the grids differ; mask: both > 0), or every aldm-infer output (found
     by its JSON sidecar) in `pred` against the matching volume of a BraTS-layout folder `ref`.
-    With `baselines`, also the identity (source as prediction) and the per-case linear fit."""
+    With `baselines`, also the identity (source as prediction), the identity + histogram (the
+    source's histogram mapped onto the mean target histogram of the other reference cases) and the
+    per-case linear fit (which peeks at the truth)."""
     import json
 
     from aldm.errors import InputError
@@ -190,6 +229,7 @@ def evaluate(pred: str | Path, ref: str | Path, *, baselines: bool = False) -> l
         s = score(p.data, ref_data, mask)
         return [Row(pred.name, "?", "model", s.psnr, s.ssim, s.nmse)]
     rows = []
+    templates = HistogramTemplates(ref)
     sidecars = sorted(pred.glob("*.json"))
     for side in sidecars:
         meta = json.loads(side.read_text())
@@ -206,7 +246,11 @@ def evaluate(pred: str | Path, ref: str | Path, *, baselines: bool = False) -> l
         candidates = [("model", _load(side.parent / meta["output"]))]
         if baselines:
             src = _load(source)
-            candidates += [("identity", src), ("linear fit", linear_fit(src, r, mask))]
+            candidates += [("identity", src)]
+            template = templates.without(case, meta["target"])
+            if template is not None:
+                candidates += [("identity+hist", match_histogram(src, mask & (src > 0), template))]
+            candidates += [("linear fit", linear_fit(src, r, mask))]
         for method, volume in candidates:
             s = score(volume, r, mask)
             rows.append(Row(case, task, method, s.psnr, s.ssim, s.nmse))

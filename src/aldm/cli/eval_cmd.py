@@ -14,7 +14,7 @@ from aldm.cli._common import handle_errors
 def eval(  # noqa: A001 - the command is called eval
     pred: Annotated[Path, typer.Argument(help="A predicted volume, or a folder of aldm-infer outputs (with their JSON sidecars).")],
     ref: Annotated[Path, typer.Argument(help="The reference volume, or a BraTS-layout folder holding the references.")],
-    baselines: Annotated[bool, typer.Option("--baselines", help="Also score the identity (source as prediction) and a per-case linear fit of source to reference (peeks at the truth).")] = False,
+    baselines: Annotated[bool, typer.Option("--baselines", help="Also score the identity (source as prediction), the identity + histogram (source mapped onto the mean target histogram of the other reference cases) and a per-case linear fit of source to reference (peeks at the truth).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write OUT.csv and OUT.md (per case and mean per task).")] = None,
 ) -> None:
     """Per-case and mean-per-task metrics after 0.5/99.5 percentile normalisation to [0, 1]."""
