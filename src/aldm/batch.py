@@ -33,9 +33,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from aldm import MODALITY_ALIASES
-from aldm.atomic import atomic_path
-from aldm.atomic import clean_partials as _clean_partials
-from aldm.errors import AldmError, InputError, UsageError
+from aldm.atomic import atomic_path, clean_partials  # noqa: F401 - clean_partials: the batch's cleanup
+from aldm.errors import AldmError, InputError, UsageError, one_line
 from aldm.nifti import NIFTI_SUFFIXES, stem
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -163,7 +162,7 @@ def _archive_cases(archive: Path) -> list[Case]:
                 case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
                 is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
                 case.refused = ("link" if is_link else "encrypted member (password-protected zip)"
-                                if info.flag_bits & 0x1 else _unsafe(info.filename) or _bomb(info))
+                                if info.flag_bits & 0x1 else _unsafe(info.filename))
                 if not case.refused:
                     case.rel_dir = _parent(info.filename)
                 cases.append(case)
@@ -181,7 +180,7 @@ def _archive_cases(archive: Path) -> list[Case]:
     return cases
 
 
-def _bomb(info: zipfile.ZipInfo, limits: ArchiveLimits = ArchiveLimits()) -> str | None:
+def _bomb(info: zipfile.ZipInfo, limits: ArchiveLimits) -> str | None:
     if info.file_size > limits.member_bytes:
         return f"member of {info.file_size:,} bytes, over the cap of {limits.member_bytes:,}"
     if info.file_size > (1 << 20) and info.file_size > limits.ratio * max(info.compress_size, 1):
@@ -271,11 +270,6 @@ class Stop(Exception):
     """Raised from the sampler callback after SIGINT: abandon the case being computed."""
 
 
-def clean_partials(out: Path) -> int:
-    """Remove temporary files a killed run left behind (never a final name)."""
-    return _clean_partials(out)
-
-
 def output_dir(out: Path, case: Case) -> Path:
     d = (out / case.rel_dir).resolve() if case.rel_dir else out.resolve()
     if d != out.resolve() and out.resolve() not in d.parents:
@@ -331,7 +325,7 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
         try:
             d = output_dir(out, case)
             paths = translator.output_paths(Path(case.name), d)
-            why = "overwrite"
+            why = ""  # with --overwrite: redone without a reason to give
             if not translator.options.overwrite:
                 complete, why = translator.completeness(paths)
                 if complete:
@@ -409,12 +403,11 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
 
 
 def _redone(why: str) -> str:
-    return "" if why in ("no previous outputs", "overwrite") else f"redone: {why}"
+    return f"redone: {why}" if why else ""
 
 
 def _reason(exc: BaseException) -> str:
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return msg if isinstance(exc, AldmError) else f"{type(exc).__name__}: {msg}"
+    return one_line(exc) if isinstance(exc, AldmError) else f"{type(exc).__name__}: {one_line(exc)}"
 
 
 @contextlib.contextmanager
@@ -486,15 +479,14 @@ class Journal:
     def ordered(self) -> list[Record]:
         return [self.records[i] for i in self.order if i in self.records]
 
-    def _write(self, finished: bool) -> tuple[Path, Path]:
+    def _write(self, finished: bool) -> tuple[dict, Path, Path]:
         records = self.ordered()
         summary = summarise(records, time.perf_counter() - self.t0) | {"finished": finished}
-        return write_report(records, summary, self.out)
+        return (summary, *write_report(records, summary, self.out))
 
     def finish(self) -> tuple[dict, Path, Path]:
         with self.lock:
-            j, c = self._write(finished=True)
-            return json.loads(j.read_text())["summary"], j, c
+            return self._write(finished=True)
 
 
 def exit_code(records: list[Record]) -> int:

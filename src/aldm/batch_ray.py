@@ -39,7 +39,7 @@ class _Worker:
         t = self.translator
         try:
             paths = t.output_paths(Path(case.name), output_dir(Path(out), case))
-            why = "overwrite"
+            why = ""
             if not t.options.overwrite:
                 complete, why = t.completeness(paths)
                 if complete:

@@ -29,6 +29,11 @@ class BackendError(AldmError):
     """A runtime backend is unavailable or failed."""
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise an AldmError naming the extra that provides it."""
     import importlib

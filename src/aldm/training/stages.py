@@ -332,7 +332,6 @@ def train_stage3(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
     model.first_stage_model.requires_grad_(False).eval()
     model.to(dev)
     unet = model.model.diffusion_model
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=budget.lr, weight_decay=0.0)
     scaler = compute.scaler()
     rng = _stage_rng(seed + 3)
@@ -343,16 +342,16 @@ def train_stage3(run: Path, latents: torch.Tensor, cfg: LDMConfig, vq: VQModel, 
                               if k.startswith("model.diffusion_model.")})
         from aldm.models.loader import ema_name
 
-        ema = {k: ck["state_dict"][ema_name(k)].to(dev, copy=True) for k in ema}
+        ema = {k: ck["state_dict"][ema_name(k)].to(dev, copy=True) for k in unet.state_dict()}
         state = _resume_common(ck, opt, scaler, rng, compute)
         scale = state.extra["scale_factor"]
         model.config = cfg = dataclasses.replace(cfg, scale_factor=scale)
     elif init_unet is not None:
         unet.load_state_dict(init_unet)
-        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     if dist_info()[1] > 1:
         broadcast_module(unet)
-        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()} if not ck else ema
+    if not ck:  # a fresh stage: the EMA starts at the (initial or broadcast) weights
+        ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
     spade = model.first_stage_model.spade
     pairs: dict[tuple[int, int, int], torch.Tensor] = {}
