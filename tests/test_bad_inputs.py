@@ -117,6 +117,13 @@ def _complex(path: Path) -> Path:
     return _nii(path, synthetic_volume().astype(np.complex64))
 
 
+def _rgb(path: Path) -> Path:
+    rgb = np.zeros((40, 36, 20), np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    rgb["R"] = synthetic_volume() // 4
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    return path
+
+
 # name -> (file name, maker, what the one error line must say)
 BAD_FILES = {
     "degenerate_sform": ("sform0.nii.gz", _degenerate_sform, "affine (sform/qform) is degenerate"),
@@ -132,7 +139,8 @@ BAD_FILES = {
     "not_nifti": ("text.nii.gz", _text, "not a readable NIfTI"),
     "empty_file": ("empty.nii.gz", _empty, "empty.nii.gz"),
     "all_zero": ("zeros.nii.gz", _with(lambda: np.zeros((30, 30, 20), np.int16)), "every voxel is 0"),
-    "complex_dtype": ("complex.nii.gz", _complex, "complex.nii.gz"),
+    "complex_dtype": ("complex.nii.gz", _complex, "complex or RGB"),
+    "rgb_dtype": ("rgb.nii.gz", _rgb, "complex or RGB"),
 }
 
 

@@ -230,3 +230,22 @@ def test_strength_runs_round_strength_times_steps_unet_calls(tiny_export):
     assert calls == [(2, 201), (2, 1)] and tr.strength == 0.4
     with pytest.raises(UsageError, match="ddim"):
         pipe.translate(x, ["t2"], strength=0.4, sampler="ddpm", seed=0)
+
+
+def test_a_case_is_written_whole_or_not_at_all(tiny_export, src, tmp_path, monkeypatch):
+    """The second target's write fails (disk full): the first target's output is removed too."""
+    from aldm import infer as I
+
+    real = I.save_like
+    calls = []
+
+    def save_like(vol, data, path, description=""):
+        calls.append(path)
+        if len(calls) == 2:
+            raise I.AldmError(f"cannot write {path}: no space left on device")
+        return real(vol, data, path, description)
+
+    monkeypatch.setattr(I, "save_like", save_like)
+    res = run(src, "--targets", "t2,flair", "--out", tmp_path / "o", *_model(tiny_export))
+    assert res.exit_code == 1 and "no space left" in res.output
+    assert len(calls) == 2 and not list((tmp_path / "o").iterdir())
