@@ -81,8 +81,8 @@ def returned_bytes(cfg: LDMConfig) -> tuple[int, int, int]:
     return 2 * (n_s + n_u) + TENSOR_OVERHEAD * (len(spade) + len(unet)), n_s, n_u
 
 
-def fits(cfg: LDMConfig) -> bool:
-    b = returned_bytes(cfg)[0]
+def fits(cfg: LDMConfig, bytes_per_bf16: int = 1) -> bool:
+    b = returned_bytes(cfg)[0] * bytes_per_bf16
     shards = -(-b // SHARD_BYTES) + 1  # one more: the SPADE and the UNet are sharded apart
     return (b + SIDE_BYTES <= LIMITS["total_bytes"]
             and shards + len(SIDE_FILES) <= LIMITS["files"])
@@ -115,12 +115,13 @@ def choose(size: str, base: LDMConfig, unet_channels: int | None = None,
 
 # ----------------------------------------------------------------------------- files back
 
-def write_shards(out: Path, prefix: str, sd: dict[str, torch.Tensor], cfg: LDMConfig, info: dict) -> list[Path]:
-    """`sd` in bf16 (floating tensors), split into official-layout files of <= SHARD_BYTES."""
+def write_shards(out: Path, prefix: str, sd: dict[str, torch.Tensor], cfg: LDMConfig, info: dict,
+                 dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """`sd` in `dtype` (floating tensors), split into official-layout files of <= SHARD_BYTES."""
     groups, cur, size = [], {}, 0
     for k, v in sd.items():
         v = v.detach().cpu()
-        v = v.to(torch.bfloat16) if v.is_floating_point() else v
+        v = v.to(dtype) if v.is_floating_point() else v
         b = v.numel() * v.element_size() + TENSOR_OVERHEAD
         if cur and size + b > SHARD_BYTES:
             groups.append(cur)
@@ -147,8 +148,22 @@ def check_limits(out: Path) -> dict:
 
 
 def read_shards(files: Path) -> tuple[dict, LDMConfig | None, dict]:
-    """({"spade": official-name weights, "unet": model_ema.* weights}, config, shard info)."""
+    """({"spade": official-name weights, "unet": model_ema.* weights}, config, shard info).
+    `files` is the folder an earlier call returned, or one official LDM checkpoint (e.g. the
+    bundled model's models/default/last.ckpt: its SPADE and EMA UNet, its scale factor)."""
     parts: dict[str, dict] = {"spade": {}, "unet": {}}
+    if files.is_file():
+        from aldm.models.checkpoint import state_dict_of
+        from aldm.models.loader import build_from_state_dict
+
+        ck = read_checkpoint(files)
+        sd = state_dict_of(ck, files)
+        known = LDMConfig.from_dict(ck["aldm_config"]) if isinstance(ck.get("aldm_config"), dict) else None
+        cfg = build_from_state_dict(sd, config=known, device="meta", source=str(files)).config
+        parts["spade"] = {k: v for k, v in sd.items() if k.startswith("first_stage_model.spade.")}
+        parts["unet"] = {k: v for k, v in sd.items() if k.startswith("model_ema.")
+                         and k not in ("model_ema.decay", "model_ema.num_updates")}
+        return parts, cfg, {"scale_factor": cfg.scale_factor, "from_checkpoint": str(files)}
     cfg, meta = None, {}
     for p in sorted(files.glob("*-*.ckpt")):
         ck = read_checkpoint(p)
@@ -252,10 +267,12 @@ def train(args) -> int:
         cfg = with_widths(base, init_cfg.unet_config, init_cfg.first_stage_config.spade_nf,
                           init_cfg.first_stage_config.spade_nhidden)
     nbytes, n_spade, n_unet = returned_bytes(cfg)
-    if not fits(cfg) and not args.ignore_limits:
+    shard_dtype = torch.float32 if args.fp32_files else torch.bfloat16
+    nbytes *= 2 if args.fp32_files else 1
+    if not fits(cfg, 2 if args.fp32_files else 1) and not args.ignore_limits:
         raise SystemExit(f"--size {args.size}: {nbytes / MiB:.1f} MiB of bf16 weights would not come back "
                          f"(limits {LIMITS}); pick a narrower size or --ignore-limits")
-    scale = float(pk["scale_factor"])
+    scale = float(init_meta.get("scale_factor", pk["scale_factor"]))  # a continued UNet keeps its scale
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'}), "
           f"{compute.describe()}; {len(latents)} volumes of {len(set(pk['cases'].tolist()))} cases; "
           f"UNet {cfg.unet_config.model_channels} ch ({n_unet / 1e6:.2f} M), MS-SPADE nf "
@@ -294,7 +311,7 @@ def train(args) -> int:
         print(f"stage 2: {summary['stage2']}", flush=True)
     spade_sd = {f"first_stage_model.spade.{k}": v for k, v in vq.spade.state_dict().items()}
     files = write_shards(out, "spade", spade_sd, cfg, {"step": total2, "stage2_steps": total2,
-                                                       "scale_factor": scale})
+                                                       "scale_factor": scale}, dtype=shard_dtype)
 
     b3 = halving_on_oom(lambda b: train_stage3(run, latents, cfg, vq, budget=b, say=print, scale=scale,
                                                max_minutes=max(0.0, deadline - time.monotonic() - reserve) / 60,
@@ -306,7 +323,8 @@ def train(args) -> int:
     ema = {k: v for k, v in sd3.items() if k.startswith("model_ema.") and k not in
            ("model_ema.decay", "model_ema.num_updates")}
     files += write_shards(out, "unet", ema, cfg, {"step": total3, "stage2_steps": total2, "stage3_steps": total3,
-                                                  "scale_factor": scale, "ema": True})
+                                                  "scale_factor": scale, "ema": True},
+                          dtype=shard_dtype)
     if cuda:
         summary["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     with open(out / "log.csv", "w", newline="") as f:
@@ -365,9 +383,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ignore-limits", action="store_true")
+    ap.add_argument("--fp32-files", action="store_true",
+                    help="write the weights back in fp32, not bf16 (CPU runs whose files do not travel)")
     ap.add_argument("--init", type=Path, default=None,
-                    help="files an earlier call returned: continue from its SPADE and UNet EMA (its widths; "
-                         "the optimisers restart). With --stage2-share 0 stage 2 is not trained again")
+                    help="files an earlier call returned, or an official LDM checkpoint: continue from its "
+                         "SPADE and UNet EMA (its widths and scale factor; the optimisers restart). "
+                         "With --stage2-share 0 stage 2 is not trained again")
     args = ap.parse_args(argv)
     if args.stage2_share <= 0 and not args.init:
         raise SystemExit("--stage2-share 0 needs --init (a trained SPADE to condition stage 3 on)")

@@ -154,7 +154,8 @@ def test_one_bad_source_does_not_stop_the_others(tiny_export, src, tmp_path):
     (["--targets", "t2", "--naming", "weird"], "--naming must be"),
     (["--targets", "t2", "--steps", "7"], "not a valid count"),
     (["--targets", "t2", "--backend", "cuda9"], "unknown backend"),
-    (["--targets", "t2", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    (["--targets", "t2", "--strength", "1.5"], "--strength must be in [0, 1]"),
+    (["--targets", "t2", "--strength", "-0.1"], "--strength must be in [0, 1]"),
 ])
 def test_usage_errors_exit_2(tiny_export, src, tmp_path, args, message):
     res = run(src, *args, "--model", tiny_export, "--out", tmp_path, "--quiet")
@@ -230,6 +231,24 @@ def test_strength_runs_round_strength_times_steps_unet_calls(tiny_export):
     assert calls == [(2, 201), (2, 1)] and tr.strength == 0.4
     with pytest.raises(UsageError, match="ddim"):
         pipe.translate(x, ["t2"], strength=0.4, sampler="ddpm", seed=0)
+
+
+def test_strength_zero_decodes_the_spade_latent_without_a_unet_call(tiny_export):
+    """--strength 0: no diffusion; the output is the decoder's image of the MS-SPADE latent,
+    whatever the seed."""
+    from aldm.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tiny_export)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 1, *pipe.manifest.preprocessing.crop_size)).astype(np.float32)
+    called = []
+    real_run = pipe._run
+    pipe._run = lambda name, **kw: (called.append(name), real_run(name, **kw))[1]
+    a = pipe.translate(x, ["t2"], steps=5, strength=0.0, seed=0, callback=lambda *a: called.append("step"))
+    b = pipe.translate(x, ["t2"], steps=5, strength=0.0, seed=7)
+    assert "unet" not in called and "step" not in called and a.strength == 0.0
+    np.testing.assert_array_equal(a.volumes["t2"], b.volumes["t2"])
+    c = pipe.condition(pipe.encode(x), np.array([2]))
+    np.testing.assert_allclose(a.volumes["t2"], pipe.decode(c[:, c.shape[1] // 2:]), rtol=0, atol=0)
 
 
 def test_a_case_is_written_whole_or_not_at_all(tiny_export, src, tmp_path, monkeypatch):

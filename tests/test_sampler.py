@@ -132,9 +132,12 @@ def test_strength_runs_the_lowest_steps_from_the_noised_initial_latent():
     assert list(sub.timesteps[::-1]) == [161, 121, 81, 41, 1]
     assert list(S.ddim_truncate(s, 1.0).timesteps) == list(s.timesteps)
     assert len(S.ddim_truncate(s, 1e-3).timesteps) == 1  # never zero steps
-    for bad in (0.0, -0.5, 1.5):
+    for bad in (-0.5, 1.5):
         with pytest.raises(UsageError, match="strength"):
             S.ddim_truncate(s, bad)
+    with pytest.raises(ValueError, match="no diffusion step"):
+        S.ddim_truncate(s, 0.0)  # strength 0 never reaches the sampler: no schedule to cut
+    assert S.strength_steps(25, 0.0) == 0 and S.strength_steps(25, 1e-3) == 1
     init = np.full((1, 4, 2, 2, 2), 2.0, np.float32)
     x = S.noised_start(init, sub, lambda shape: np.ones(shape, np.float32))
     a = AC[161]

@@ -19,7 +19,7 @@ def export(
     crop: Annotated[str, typer.Option(help="Model grid H,W,D in RAS voxels; fixes the graphs' spatial dims.")] = "144,192,144",
     steps: Annotated[int, typer.Option(help="Default DDIM steps recorded in the manifest (official: 200).")] = 200,
     eta: Annotated[float, typer.Option(help="Default DDIM eta (official sampling.py: 1.0, stochastic).")] = 1.0,
-    strength: Annotated[float, typer.Option(help="Default sampling strength recorded in the manifest (official: 1.0, from pure noise; < 1 starts from the noised MS-SPADE latent).")] = 1.0,
+    strength: Annotated[float, typer.Option(help="Default sampling strength recorded in the manifest (official: 1.0, from pure noise; < 1 starts from the noised MS-SPADE latent; 0: no diffusion, the MS-SPADE latent decoded).")] = 1.0,
     bound_latents: Annotated[bool, typer.Option("--bound-latents", help="Record the codebook's range so the runtime clamps the MS-SPADE output to it: guards against runaway latents on unusual inputs (seen with the default model on T2/FLAIR sources). Off by default because the official code does not clamp; use it for models trained with a trained codebook (aldm train).")] = False,
     raw_weights: Annotated[bool, typer.Option("--raw-weights", help="Use the raw UNet weights instead of EMA.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,

@@ -108,11 +108,15 @@ class Pipeline:
                official_rng: bool = True, callback: S.Callback = None) -> np.ndarray:
         """Draw x_T from `noise` (strength 1, the official sampler), or noise the target-like SPADE
         latent to the step round(strength * steps) (strength < 1), then run the sampler down to
-        the clean latent (still scaled)."""
+        the clean latent (still scaled). Strength 0 runs no step: the SPADE latent is the result."""
         defaults = self.manifest.sampler
         sampler = sampler or defaults.name
         strength = defaults.strength if strength is None else float(strength)
         channels = self.manifest.latent_shape[0]
+        if strength == 0:  # no diffusion: the (scaled) MS-SPADE latent is the clean latent
+            if (sampler or defaults.name) != "ddim":
+                raise UsageError("strength < 1 needs the ddim sampler")
+            return c_concat[:, channels:].copy()
         shape = (c_concat.shape[0], channels) + c_concat.shape[2:]
         eps_fn = self.denoiser(c_concat, y)
         if sampler == "ddim":

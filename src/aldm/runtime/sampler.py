@@ -103,21 +103,26 @@ def ddim_step(x: np.ndarray, eps: np.ndarray, j: int, s: DDIMSchedule, z: np.nda
 
 
 def check_strength(strength: float, name: str = "strength") -> float:
-    """`strength` if it is in (0, 1], else a UsageError naming it as `name`."""
-    if not 0 < strength <= 1:
-        raise UsageError(f"{name} must be in (0, 1], got {strength}")
+    """`strength` if it is in [0, 1], else a UsageError naming it as `name`. 0 means no diffusion:
+    the MS-SPADE's target-like latent is decoded as it is."""
+    if not 0 <= strength <= 1:
+        raise UsageError(f"{name} must be in [0, 1], got {strength}")
     return strength
 
 
 def strength_steps(steps: int, strength: float) -> int:
-    """How many of a `steps`-step schedule's steps run at `strength` (at least one)."""
-    return max(1, int(round(check_strength(strength) * steps)))
+    """How many of a `steps`-step schedule's steps run at `strength`: none at 0, else at least one."""
+    if check_strength(strength) == 0:
+        return 0
+    return max(1, int(round(strength * steps)))
 
 
 def ddim_truncate(schedule: DDIMSchedule, strength: float) -> DDIMSchedule:
     """The lowest round(strength * S) steps of a schedule (at least one), for sampling that starts
     from a noised initial latent at τ_{k-1} instead of pure noise at τ_{S-1} (SDEdit, Meng et al.
     2022; "strength" as in image-to-image pipelines). strength 1 is the whole schedule."""
+    if strength == 0:
+        raise ValueError("strength 0 runs no diffusion step: there is no schedule to truncate")
     k = strength_steps(len(schedule.timesteps), strength)
     s = schedule
     return DDIMSchedule(s.timesteps[:k], s.alphas[:k], s.alphas_prev[:k], s.sigmas[:k],
