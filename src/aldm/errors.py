@@ -29,6 +29,30 @@ class BackendError(AldmError):
     """A runtime backend is unavailable or failed."""
 
 
+class ServerError(AldmError):
+    """An aldm server refused a request, could not be reached, or failed a job. The message is the
+    server's one-line `error`; `status` is the HTTP status (None: no HTTP answer, or a job that
+    failed after it was accepted). A refused token (401/403) is a usage error: exit 2."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+        if status in (401, 403):
+            self.exit_code = 2
+
+
+class ServerUnreachable(ServerError):
+    """No HTTP answer after every retry: connection refused or reset, timeout, DNS."""
+
+
+class JobFailed(ServerError):
+    """A job the server accepted ended failed or cancelled; `job` is its last status document."""
+
+    def __init__(self, message: str, job: dict | None = None):
+        super().__init__(message, None)
+        self.job = job or {}
+
+
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     return (str(exc).splitlines() or [type(exc).__name__])[0]

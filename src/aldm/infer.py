@@ -44,6 +44,31 @@ def default_model_dir() -> Path:
     return path
 
 
+def output_names(source_name: str, targets, naming: str = "stem") -> dict[str, str]:
+    """Output file name per target for a source file name (also what `aldm-infer --server`
+    expects the server to write, to refuse existing outputs before uploading)."""
+    s = stem(Path(source_name))
+    if naming == "brasyn":
+        case = _MODALITY_SUFFIX.sub("", s)
+        return {t: f"{case}-{BRASYN[t]}.nii.gz" for t in targets}
+    return {t: f"{s}_{t}.nii.gz" for t in targets}
+
+
+def check_writable(paths: dict[str, Path], overwrite: bool = False) -> None:
+    """Fail if outputs exist (without overwrite) or their folder is unwritable."""
+    d = next(iter(paths.values())).parent
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".aldm-write-test-"):
+            pass
+    except OSError as exc:
+        raise AldmError(f"output folder {d} is not writable ({exc.strerror or exc})") from None
+    if not overwrite:
+        existing = [p for p in paths.values() if p.exists()]
+        if existing:
+            raise AldmError(f"{existing[0]} exists; pass --overwrite to replace it")
+
+
 @dataclass(frozen=True)
 class Options:
     targets: tuple[str, ...]
@@ -63,6 +88,29 @@ class Options:
     skull_strip: bool = False  # extract the brain first (ROBEX, extra `skullstrip`); writes the mask
 
 
+def check_options(options: Options, modalities=aldm.MODALITIES) -> None:
+    """The UsageErrors a translation's options can be refused with before any model is loaded
+    (`aldm-infer --server` checks them before uploading anything)."""
+    mods = tuple(modalities)
+    if options.source_modality not in mods:
+        raise UsageError(f"unknown source modality {options.source_modality!r}; "
+                         f"choose from {', '.join(mods)}")
+    if options.source_modality in options.targets:
+        raise UsageError(f"target {options.source_modality} is the source modality; "
+                         "it is already there")
+    if options.naming not in ("stem", "brasyn"):
+        raise UsageError(f"--naming must be stem or brasyn, not {options.naming!r}")
+    if options.intensity not in ("unit", "source"):
+        raise UsageError(f"--intensity must be unit or source, not {options.intensity!r}")
+    if options.strength is not None:
+        check_strength(options.strength, "--strength")
+    if not options.targets:
+        raise UsageError("no target modality given")
+    for t in options.targets:  # class indices (ints) are checked by Pipeline.classes
+        if isinstance(t, str) and t.lower() not in mods:
+            raise UsageError(f"unknown target {t!r}; choose from {', '.join(mods)}")
+
+
 SEED_RULE = "seed*1000003+crc32(case id) mod 2^31"  # seed_for(); part of the settings digest
 
 
@@ -78,19 +126,7 @@ class CaseResult:
 
 class Translator:
     def __init__(self, pipeline: Pipeline, options: Options):
-        mods = pipeline.manifest.modalities
-        if options.source_modality not in mods:
-            raise UsageError(f"unknown source modality {options.source_modality!r}; "
-                             f"choose from {', '.join(mods)}")
-        if options.source_modality in options.targets:
-            raise UsageError(f"target {options.source_modality} is the source modality; "
-                             "it is already there")
-        if options.naming not in ("stem", "brasyn"):
-            raise UsageError(f"--naming must be stem or brasyn, not {options.naming!r}")
-        if options.intensity not in ("unit", "source"):
-            raise UsageError(f"--intensity must be unit or source, not {options.intensity!r}")
-        if options.strength is not None:
-            check_strength(options.strength, "--strength")
+        check_options(options, pipeline.manifest.modalities)
         pipeline.classes(options.targets)  # validates the names
         self.pipeline, self.options = pipeline, options
         self.manifest_sha256 = sha256_file(pipeline.model.file(MANIFEST))
@@ -147,11 +183,9 @@ class Translator:
 
     def output_paths(self, source: Path, out_dir: Path | None = None, name: str | None = None) -> dict[str, Path]:
         """Output file per target; `name` overrides the source's file name (archive members)."""
-        d, s = self.output_dir(source, out_dir), stem(Path(name or source.name))
-        if self.options.naming == "brasyn":
-            case = _MODALITY_SUFFIX.sub("", s)
-            return {t: d / f"{case}-{BRASYN[t]}.nii.gz" for t in self.options.targets}
-        return {t: d / f"{s}_{t}.nii.gz" for t in self.options.targets}
+        d = self.output_dir(source, out_dir)
+        names = output_names(name or source.name, self.options.targets, self.options.naming)
+        return {t: d / n for t, n in names.items()}
 
     @staticmethod
     def sidecar_path(output: Path) -> Path:
@@ -159,17 +193,7 @@ class Translator:
 
     def check_writable(self, paths: dict[str, Path]) -> None:
         """Fail before any compute if outputs exist (without overwrite) or the folder is unwritable."""
-        d = next(iter(paths.values())).parent
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=d, prefix=".aldm-write-test-"):
-                pass
-        except OSError as exc:
-            raise AldmError(f"output folder {d} is not writable ({exc.strerror or exc})") from None
-        if not self.options.overwrite:
-            existing = [p for p in paths.values() if p.exists()]
-            if existing:
-                raise AldmError(f"{existing[0]} exists; pass --overwrite to replace it")
+        check_writable(paths, self.options.overwrite)
 
     def completeness(self, paths: dict[str, Path]) -> tuple[bool, str]:
         """(complete, why; "" when there is nothing yet): a case a rerun can skip has every output and sidecar, each sidecar

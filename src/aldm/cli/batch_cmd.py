@@ -68,13 +68,17 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
     except AldmError as exc:
         fail(f"the batch ran but its report could not be written: {exc}")
     if not quiet:
-        m = summary["mean_s_per_case"]
-        say(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed, "
-            f"{summary['interrupted']} interrupted in {summary['wall_s']} s "
-            f"({summary['cases_per_hour']} cases/hour; per case: read {m['read']} s, compute {m['compute']} s, "
-            f"write {m['write']} s; wall {summary['wall_s_per_case']} s)")
-        say(f"report: {j} and {c}")
+        print_summary(summary, j, c)
     return B.exit_code(records)
+
+
+def print_summary(summary: dict, j: Path, c: Path) -> None:
+    m = summary["mean_s_per_case"]
+    say(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed, "
+        f"{summary['interrupted']} interrupted in {summary['wall_s']} s "
+        f"({summary['cases_per_hour']} cases/hour; per case: read {m['read']} s, compute {m['compute']} s, "
+        f"write {m['write']} s; wall {summary['wall_s_per_case']} s)")
+    say(f"report: {j} and {c}")
 
 
 def _bar(quiet: bool, total: int):

@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 
 @app.command()
 def infer(
+    ctx: typer.Context,
     sources: Annotated[Optional[list[Path]], typer.Argument(help="Source NIfTI volumes (.nii / .nii.gz), any orientation, spacing and dtype.", show_default=False)] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated targets from t1, t1ce, t2, flair. Default: every modality but the source's.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Exported model folder. Default: the model bundled with aldm.")] = None,
@@ -36,7 +37,7 @@ def infer(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (default: refuse).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-file lines; errors still print.")] = False,
     batch: Annotated[Optional[Path], typer.Option(help="Convert a whole input: a folder (recursive), a .txt/.csv list, a BraTS layout (one folder per subject; --source-modality picks the file) or a .zip/.tar(.gz) archive. Needs --out. Exit 0 if every case succeeds, 3 if some failed.")] = None,
-    prefetch: Annotated[int, typer.Option(help="Batch: cases read and preprocessed ahead of the computation.")] = 2,
+    prefetch: Annotated[int, typer.Option(help="Batch: cases read and preprocessed ahead of the computation; with --server: cases in flight on the server at once.")] = 2,
     ray: Annotated[bool, typer.Option("--ray", help="Batch: spread cases over a Ray cluster (a local one unless --ray-address), one model per worker, a GPU each when the cluster has them.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="Batch with --ray: the cluster to join (e.g. 10.0.0.5:6379 or auto).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Batch with --ray: number of workers. Default: one per GPU, else per CPU.")] = None,
@@ -45,6 +46,8 @@ def infer(
     max_voxels: Annotated[int, typer.Option(help="Refuse a source whose header declares more voxels, before reading its data (a corrupt or hostile header can claim any size).")] = 1024**3,
     max_member_mb: Annotated[int, typer.Option(help="Batch archives: refuse a member larger than this once extracted.")] = 4096,
     max_extract_gb: Annotated[int, typer.Option(help="Batch archives: stop extracting after this many GB in one batch (zip bombs; members are also refused above a 1000:1 compression ratio).")] = 1024,
+    server: Annotated[Optional[str], typer.Option(help="Send every source (or --batch case) to an `aldm serve` server at this URL, e.g. http://127.0.0.1:8080, instead of computing here: same outputs, names, sidecars, report and exit codes, made with the server's model and backend (so --model, --backend, --threads, --decode-batch, --preview, --skull-strip, --ray, --ray-address, --workers and --max-voxels are refused). 429/503 answers are retried after their Retry-After. Default: compute locally.")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(help="With --server: a file holding the server's bearer token (surrounding whitespace ignored). Default: no token.")] = None,
 ) -> None:
     """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
     from aldm.cli._common import ignore_file_size_signal
@@ -62,10 +65,17 @@ def infer(
         fail("--batch needs --out DIR", 2)
     if min(max_voxels, max_member_mb, max_extract_gb) < 1:
         fail("--max-voxels, --max-member-mb and --max-extract-gb must be positive", 2)
+    opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
+                   source_modality.lower(), naming, intensity, overwrite, preview, strength=strength,
+                   max_voxels=max_voxels, skull_check=not no_skull_check, skull_strip=skull_strip)
+    if server is not None or token_file is not None:
+        from aldm.batch import ArchiveLimits
+        from aldm.cli.remote import main as remote
+
+        limits = ArchiveLimits(member_bytes=max_member_mb << 20, total_bytes=max_extract_gb << 30)
+        raise typer.Exit(remote(ctx, server, token_file, opts, sources, batch, out, prefetch=prefetch,
+                                quiet=quiet, limits=limits))
     try:
-        opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
-                       source_modality.lower(), naming, intensity, overwrite, preview, strength=strength,
-                       max_voxels=max_voxels, skull_check=not no_skull_check, skull_strip=skull_strip)
         pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
                                  decode_batch=decode_batch)
         translator = Translator(pipeline, opts)
