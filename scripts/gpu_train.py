@@ -277,7 +277,7 @@ def train(args) -> int:
           f"{compute.describe()}; {len(latents)} volumes of {len(set(pk['cases'].tolist()))} cases; "
           f"UNet {cfg.unet_config.model_channels} ch ({n_unet / 1e6:.2f} M), MS-SPADE nf "
           f"{cfg.first_stage_config.spade_nf}/{cfg.first_stage_config.spade_nhidden} ({n_spade / 1e6:.2f} M); "
-          f"{nbytes / MiB:.1f} MiB back in bf16", flush=True)
+          f"{nbytes / MiB:.1f} MiB back in {'fp32' if args.fp32_files else 'bf16'}", flush=True)
 
     torch.manual_seed(args.seed)
     vq = VQModel(cfg.first_stage_config)  # encoder/decoder unused here (merge puts the frozen ones in)

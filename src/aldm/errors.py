@@ -32,12 +32,13 @@ class BackendError(AldmError):
 class ServerError(AldmError):
     """An aldm server refused a request, could not be reached, or failed a job. The message is the
     server's one-line `error`; `status` is the HTTP status (None: no HTTP answer, or a job that
-    failed after it was accepted). A refused token (401/403) is a usage error: exit 2."""
+    failed after it was accepted). A refused token (401/403) and options the server rejects (422)
+    are usage errors: exit 2, as aldm-infer gives for the same options locally."""
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
-        if status in (401, 403):
+        if status in (401, 403, 422):
             self.exit_code = 2
 
 

@@ -6,11 +6,13 @@ import typer
 
 import aldm
 from aldm.cli.bench_cmd import bench
+from aldm.cli.bench_serve_cmd import bench_serve
 from aldm.cli.build_cmd import build
 from aldm.cli.calibrate_cmd import calibrate
 from aldm.cli.check_cmd import check
 from aldm.cli.eval_cmd import eval
 from aldm.cli.export_cmd import export
+from aldm.cli.serve_cmd import serve
 from aldm.cli.train_cmd import train
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True,
@@ -22,6 +24,8 @@ app.command()(build)
 app.command()(calibrate)
 app.command()(train)
 app.command(name="eval")(eval)
+app.command()(serve)
+app.command(name="bench-serve")(bench_serve)
 
 
 @app.command()
