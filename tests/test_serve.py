@@ -415,3 +415,20 @@ def test_eviction_keeps_running_and_queued_jobs(tmp_path):
     store.jobs[late.id] = late
     store.max_bytes = 10**9  # room to spare: only the TTL evicts
     assert store.sweep(now=2000 + 50) == [] and store.sweep(now=2000 + 101) == [late.id]
+
+
+def test_a_batch_through_the_server_writes_what_a_local_batch_writes(server, tiny_export, tmp_path):
+    """Two cases with the same file name in different folders: the per-case seed is keyed by the
+    case's path inside the input (sent as case_id), not by its file name, on both sides."""
+    src = tmp_path / "in"
+    for rel in ["a/x_t1.nii.gz", "b/x_t1.nii.gz"]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_nifti(src / rel, synthetic_volume(seed=0))  # same volume, same name: only the seed differs
+    runs = {}
+    for side, extra in (("local", ["--model", str(tiny_export)]), ("remote", ["--server", server.url])):
+        r = subprocess.run([sys.executable, "-m", "aldm.cli.infer", "--batch", str(src), "--targets", "t2", "--seed", "3",
+                            "--out", str(tmp_path / side), "--quiet", *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        runs[side] = {p.relative_to(tmp_path / side): p.read_bytes() for p in (tmp_path / side).rglob("*.nii.gz")}
+    assert len(runs["local"]) == 2 and runs["local"] == runs["remote"]
+    assert runs["local"][Path("a/x_t1_t2.nii.gz")] != runs["local"][Path("b/x_t1_t2.nii.gz")]

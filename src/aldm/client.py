@@ -111,8 +111,11 @@ class Client:
     def submit(self, path: str | os.PathLike, *, name: str | None = None, targets=None,
                source_modality: str | None = None, steps: int | None = None, eta: float | None = None,
                strength: float | None = None, seed: int | None = None, intensity: str | None = None,
-               naming: str | None = None, skull_check: bool | None = None) -> dict:
-        """Upload one NIfTI (streamed from disk) as a new job; the server's 202 document."""
+               naming: str | None = None, skull_check: bool | None = None,
+               case_id: str | None = None) -> dict:
+        """Upload one NIfTI (streamed from disk) as a new job; the server's 202 document.
+        `case_id` keys the per-case seed (default: the name), as a local batch keys it by the
+        case's path inside its input."""
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: no such file")
@@ -127,7 +130,7 @@ class Client:
             raise InputError(f"{path}: {exc.strerror or exc}") from None
         query = _query({"name": name or path.name, "targets": targets, "source_modality": source_modality,
                         "steps": steps, "eta": eta, "strength": strength, "seed": seed, "intensity": intensity,
-                        "naming": naming, "skull_check": skull_check})
+                        "naming": naming, "skull_check": skull_check, "case_id": case_id})
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         with self._request("POST", f"/v1/translations?{query}", headers=headers,
                            body=lambda: _file_chunks(path)) as resp:

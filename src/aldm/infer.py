@@ -291,15 +291,16 @@ class Translator:
         return CaseResult(vol.path, outputs, sidecars, timings, prep.warnings, preview_path)
 
     def run(self, source: str | Path, *, callback=None,
-            on_stage: Callable[[str], None] | None = None) -> CaseResult:
-        """One source, start to finish."""
+            on_stage: Callable[[str], None] | None = None, case_id: str | None = None) -> CaseResult:
+        """One source, start to finish. `case_id` (default: the file name) keys the seed, as a
+        batch keys it by the case's path inside its input."""
         source = Path(source)
         paths = self.output_paths(source)
         self.check_writable(paths)
         t0 = time.perf_counter()
         vol, prep = self.load(source)
         t_load = time.perf_counter() - t0
-        seed = self.seed_for(source.name)
+        seed = self.seed_for(case_id or source.name)
         tr = self.compute(prep, seed, callback=callback, on_stage=on_stage)
         return self.write(vol, prep, tr, paths, seed, {"load_preprocess": t_load, **tr.timings})
 

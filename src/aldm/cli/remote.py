@@ -328,7 +328,8 @@ def _send(client, case, local: Path, d: Path, sub: dict, why: str, stop):
             marks["finished"] = time.perf_counter()
 
     try:
-        job = client.translate(local, d, name=case.name, on_submit=on_submit, on_progress=on_progress, **sub)
+        job = client.translate(local, d, name=case.name, case_id=case.id, on_submit=on_submit,
+                               on_progress=on_progress, **sub)
     except _Stopped:
         return B.Record(case.id, "interrupted", "stopped while computing")
     except ServerError as exc:

@@ -49,17 +49,17 @@ def valid_id(job_id: str) -> bool:
     return bool(ID_RE.fullmatch(job_id))
 
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,199}")
 
 
 def check_name(name: str | None) -> str:
     """The upload's file name, used for output names, the NIfTI description and the seed: a plain
-    .nii/.nii.gz file name (letters, digits, . _ + -), never a path."""
+    .nii/.nii.gz file name (letters, digits, spaces, . _ + -), never a path."""
     if not name:
         raise InputError("the upload needs a file name: a multipart filename or a name field, "
                          "e.g. name=case01_t1.nii.gz")
     if not _NAME_RE.fullmatch(name) or ".." in name:
-        raise InputError(f"file name {name[:80]!r} is not allowed: use letters, digits and . _ + - "
+        raise InputError(f"file name {name[:80]!r} is not allowed: use letters, digits, spaces and . _ + - "
                          "(no folders), at most 200 characters")
     if not name.lower().endswith((".nii", ".nii.gz")):
         raise InputError(f"{name}: not a NIfTI file name (expected .nii or .nii.gz)")

@@ -42,7 +42,7 @@ class Settings:
 def parse_options(raw: dict[str, Any], modalities=MODALITIES) -> dict[str, Any]:
     """Request fields -> aldm-infer options (JSON types), or a UsageError naming the field."""
     known = {"targets", "source_modality", "steps", "eta", "strength", "seed", "intensity", "naming",
-             "skull_check", "name"}
+             "skull_check", "name", "case_id"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise UsageError(f"unknown field {unknown[0]!r}; fields: {', '.join(sorted(known))}")
@@ -72,6 +72,12 @@ def parse_options(raw: dict[str, Any], modalities=MODALITIES) -> dict[str, Any]:
         "naming": str(raw.get("naming") or "stem"),
         "skull_check": skull in ("true", "1", "yes"),
     }
+    case_id = raw.get("case_id")
+    if case_id is not None:  # keys the seed only; never part of a path
+        case_id = str(case_id)
+        if not case_id or len(case_id) > 500 or not case_id.isprintable():
+            raise UsageError("case_id must be 1-500 printable characters")
+        opts["case_id"] = case_id
     for k in ("eta", "strength"):
         if opts[k] is not None and not math.isfinite(opts[k]):
             raise UsageError(f"{k} must be a finite number")
@@ -243,7 +249,7 @@ class Service:
 
         try:
             tr = self.translator(job.options, out)
-            res = tr.run(src, callback=on_step, on_stage=on_stage)
+            res = tr.run(src, callback=on_step, on_stage=on_stage, case_id=job.options.get("case_id"))
         except Cancelled:
             shutil.rmtree(out, ignore_errors=True)
             store.finish(job, "cancelled", "cancelled by the client")
