@@ -30,10 +30,15 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("cases", nargs="+")
     ap.add_argument("--out", type=Path, default=Path("runs/previews"))
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled one)")
+    ap.add_argument("--strength", type=float, default=None, help="sampler strength (default: the model's)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        translator = Translator(Pipeline.load(default_model_dir()), Options(TARGETS, out_dir=Path(tmp), seed=0))
+        translator = Translator(Pipeline.load(a.model or default_model_dir()),
+                                Options(TARGETS, out_dir=Path(tmp), seed=0, strength=a.strength))
+        what = f"{'bundled model' if a.model is None else a.model.name}, " + (
+            "default settings" if a.strength is None else f"strength {a.strength:g}")
         for case in a.cases:
             src = a.data / case / f"{case}_t1.nii.gz"
             res = translator.run(src)
@@ -41,8 +46,8 @@ def main() -> None:
             for t in TARGETS:
                 views[f"{label(t)} aldm"] = ras(res.outputs[t])
                 views[f"{label(t)} real"] = ras(a.data / case / f"{case}_{t}.nii.gz")
-            print(preview(a.out / f"{case}.png", views,
-                          title=f"{case} (held out): bundled model, default settings, seed 0"))
+            suffix = "" if a.strength is None else f"_s{a.strength:g}"
+            print(preview(a.out / f"{case}{suffix}.png", views, title=f"{case} (held out): {what}, seed 0"))
 
 
 if __name__ == "__main__":

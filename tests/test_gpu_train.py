@@ -128,6 +128,19 @@ def test_dry_run_on_cpu_returns_files_within_the_limits_that_merge_into_a_loadab
     assert read_checkpoint(tmp_path / "last2.ckpt")["global_step"] == summary["stage3"]["steps"] + s2["stage3"]["steps"]
     assert again.config.unet_config.model_channels == 32
 
+    # or from one official checkpoint (e.g. the bundled model's): its SPADE, EMA UNet and scale factor;
+    # --fp32-files keeps full precision for runs whose files need not travel
+    out3 = tmp_path / "out3"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_train.py"), "--device", "cpu", "--minutes", "0.05",
+                          "--pack", str(tmp_path / "pack"), "--out", str(out3), "--patch", "8", "--min-steps", "2",
+                          "--init", str(tmp_path / "last.ckpt"), "--stage2-share", "0", "--fp32-files",
+                          "--run", str(tmp_path / "run3")], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    shard3 = read_checkpoint(out3 / "spade-0.ckpt")["state_dict"]
+    assert shard3[k].dtype == torch.float32 and shard3[k].equal(fs[k.removeprefix("first_stage_model.")])
+    third = load_official(gpu_train.merge(out3, tmp_path / "pack", tmp_path / "last3.ckpt"))
+    assert third.scale_factor == pytest.approx(model.scale_factor)
+
 
 def test_pack_codes_encodes_training_cases_only(tmp_path):
     data = tmp_path / "data"
