@@ -95,6 +95,9 @@ class DrainingServer:
                     self.force_exit = True
                     return
                 service.drain()
+                if service.running():
+                    logging.getLogger("aldm.serve").warning(
+                        "stopping: finishing the running job first (signal again to stop now)")
                 threading.Thread(target=self._exit_when_idle, daemon=True).start()
 
             def _exit_when_idle(self):
