@@ -271,6 +271,12 @@ def test_job_ids_and_targets_are_validated(server, source):
     assert "unknown target" in _one_line_error(request(server, "GET", f"/v1/translations/{doc['id']}/job.json"), 400)
     assert "no flair output" in _one_line_error(request(server, "GET", f"/v1/translations/{doc['id']}/flair"), 404)
     _one_line_error(request(server, "GET", "/nothing/here"), 404)
+    # no CORS: a page on another origin gets no access-control headers, a preflight is not allowed
+    for method in ("GET", "OPTIONS"):
+        code, headers, _ = request(server, method, "/v1/translations/" + doc["id"],
+                                   headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "GET"})
+        assert not any(k.startswith("access-control-") for k in headers)
+        assert code == (200 if method == "GET" else 405)
 
 
 def test_token_upload_cap_and_open_probes(token_server, source):
