@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 from aldm import MODALITY_ALIASES
 from aldm.atomic import atomic_path, clean_partials  # noqa: F401 - clean_partials: the batch's cleanup
-from aldm.errors import AldmError, InputError, UsageError, one_line
+from aldm.errors import AldmError, InputError, UsageError, describe
 from aldm.nifti import NIFTI_SUFFIXES, stem
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -96,7 +96,7 @@ def discover(source: Path, source_modality: str = "t1") -> list[Case]:
         try:
             return _archive_cases(source)
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, RuntimeError) as exc:
-            raise AldmError(f"{source}: unreadable archive ({_reason(exc)})") from None
+            raise AldmError(f"{source}: unreadable archive ({describe(exc)})") from None
     if source.is_file() and name.endswith((".txt", ".csv")):
         return _list_cases(source)
     if source.is_dir():
@@ -339,7 +339,7 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
                 vol.path = Path(f"{source}!/{case.member}")
             return case, paths, vol, prep, time.perf_counter() - t0, why
         except Exception as exc:  # one case's failure, whatever its type, never the batch's
-            record(Record(case.id, "failed", _reason(exc)), case)
+            record(Record(case.id, "failed", describe(exc)), case)
             return None
 
     def reader() -> None:
@@ -363,7 +363,7 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
                 record(Record(case.id, "done", _redone(why), [str(p) for p in res.outputs.values()], seed,
                               read_s, compute_s, res.timings["write"]), case)
             except Exception as exc:
-                record(Record(case.id, "failed", _reason(exc), seed=seed), case)
+                record(Record(case.id, "failed", describe(exc), seed=seed), case)
 
     main = threading.current_thread()
     read_t = threading.Thread(target=reader, daemon=True, name="aldm-reader")
@@ -390,7 +390,7 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
                 record(Record(case.id, "interrupted", "stopped while computing", seed=seed), case)
                 continue
             except Exception as exc:
-                record(Record(case.id, "failed", _reason(exc), seed=seed), case)
+                record(Record(case.id, "failed", describe(exc), seed=seed), case)
                 continue
             _put(to_write, (case, paths, vol, prep, tr, seed, read_s, time.perf_counter() - t0, why),
                  lambda: not write_t.is_alive())
@@ -406,8 +406,6 @@ def _redone(why: str) -> str:
     return f"redone: {why}" if why else ""
 
 
-def _reason(exc: BaseException) -> str:
-    return one_line(exc) if isinstance(exc, AldmError) else f"{type(exc).__name__}: {one_line(exc)}"
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from aldm.batch import (WAIT_S, ArchiveLimits, ArchiveReader, Case, Record, _reason, _redone, from_payload,
+from aldm.batch import (WAIT_S, ArchiveLimits, ArchiveReader, Case, Record, _redone, from_payload,
                         output_dir, payload)
-from aldm.errors import require
+from aldm.errors import describe, require
 
 MAX_RESTARTS = 3  # per actor, then its cases go to the others
 
@@ -61,7 +61,7 @@ class _Worker:
             return asdict(Record(case.id, "done", _redone(why), [str(p) for p in res.outputs.values()], seed,
                                  read_s, compute_s, res.timings["write"]))
         except Exception as exc:  # one case's failure, whatever its type
-            return asdict(Record(case.id, "failed", _reason(exc)))
+            return asdict(Record(case.id, "failed", describe(exc)))
 
 
 def run_ray(model_dir: Path, options: dict, source: Path, cases: list[Case], out: Path, *,
@@ -102,7 +102,7 @@ def run_ray(model_dir: Path, options: dict, source: Path, cases: list[Case], out
             try:
                 d = payload(case, archive)
             except Exception as exc:
-                record(case, Record(case.id, "failed", _reason(exc)))
+                record(case, Record(case.id, "failed", describe(exc)))
                 continue
             in_flight[worker.run.remote(d, str(out))] = (worker, case)
             return
@@ -118,7 +118,7 @@ def run_ray(model_dir: Path, options: dict, source: Path, cases: list[Case], out
             try:
                 record(case, Record(**ray.get(ready[0])))
             except Exception as exc:  # the worker died (RayActorError, WorkerCrashedError...)
-                record(case, Record(case.id, "failed", f"worker died: {_reason(exc)}"))
+                record(case, Record(case.id, "failed", f"worker died: {describe(exc)}"))
             submit(worker)
     except KeyboardInterrupt:
         for ref in in_flight:

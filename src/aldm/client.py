@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 from aldm.atomic import atomic_path, write_text
 from aldm.errors import AldmError, InputError, JobFailed, ServerError, ServerUnreachable
+from aldm.nifti import sidecar_path
 
 BLOCK = 1 << 20  # bytes read from disk / the socket at a time
 TERMINAL = ("done", "failed", "cancelled")
@@ -41,14 +42,6 @@ FIRST_POLL_S = 0.05
 _NIFTI = (".nii.gz", ".nii")
 _TRANSPORT = (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead,
               http.client.BadStatusLine)
-
-
-def output_stem(name: str) -> str:
-    """`case01_t1_t2.nii.gz` -> `case01_t1_t2` (the sidecar is `<stem>.json`, as aldm-infer names it)."""
-    for suffix in _NIFTI:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def safe_name(name: object) -> str:
@@ -213,7 +206,7 @@ class Client:
                 if not isinstance(o.get("sidecar"), dict):
                     raise ServerError(f"job {job_id} is done but the server reports no sidecar for {target}")
                 files.append(self.download(job_id, target, file))
-                side = file.with_name(output_stem(file.name) + ".json")
+                side = sidecar_path(file)
                 files.append(write_text(side, json.dumps(o["sidecar"], indent=1)))
                 written[target] = {"file": str(file), "sidecar": str(side)}
         except OSError as exc:

@@ -59,6 +59,11 @@ def one_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
+def describe(exc: BaseException) -> str:
+    """A failure on one line: aldm's own message, else the exception type and its first line."""
+    return one_line(exc) if isinstance(exc, AldmError) else f"{type(exc).__name__}: {one_line(exc)}"
+
+
 def require(module: str, extra: str):
     """Import an optional dependency or raise an AldmError naming the extra that provides it."""
     import importlib

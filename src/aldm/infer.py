@@ -23,11 +23,11 @@ import numpy as np
 import aldm
 from aldm.atomic import write_text
 from aldm.errors import AldmError, InputError, ModelError, UsageError
-from aldm.nifti import MAX_VOXELS, Volume, load_volume, save_like, stem
+from aldm.nifti import MAX_VOXELS, Volume, load_volume, save_like, sidecar_path, stem
 from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
 from aldm.runtime.manifest import MANIFEST, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
-from aldm.runtime.sampler import check_strength
+from aldm.runtime.sampler import check_strength, ddim_timesteps
 from aldm.skullcheck import coarse_slice_warning, skull_reason
 from aldm.skullstrip import METHOD as SKULL_STRIP_METHOD
 
@@ -128,6 +128,8 @@ class Translator:
     def __init__(self, pipeline: Pipeline, options: Options):
         check_options(options, pipeline.manifest.modalities)
         pipeline.classes(options.targets)  # validates the names
+        if options.steps is not None:  # a count the model's schedule cannot be cut into
+            ddim_timesteps(options.steps, pipeline.manifest.schedule.timesteps)
         self.pipeline, self.options = pipeline, options
         self.manifest_sha256 = sha256_file(pipeline.model.file(MANIFEST))
         self.settings = self._settings()
@@ -187,9 +189,7 @@ class Translator:
         names = output_names(name or source.name, self.options.targets, self.options.naming)
         return {t: d / n for t, n in names.items()}
 
-    @staticmethod
-    def sidecar_path(output: Path) -> Path:
-        return output.with_name(stem(output) + ".json")
+    sidecar_path = staticmethod(sidecar_path)
 
     def check_writable(self, paths: dict[str, Path]) -> None:
         """Fail before any compute if outputs exist (without overwrite) or the folder is unwritable."""

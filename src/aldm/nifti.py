@@ -42,6 +42,11 @@ def stem(path: Path) -> str:
     return path.stem
 
 
+def sidecar_path(output: Path) -> Path:
+    """The JSON sidecar beside an aldm output: `<stem>.json`."""
+    return output.with_name(stem(output) + ".json")
+
+
 def load_volume(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
     """Load and validate one 3-D NIfTI volume; every problem is an InputError naming the file.
 

@@ -17,22 +17,9 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
     from aldm import batch as B
 
     limits = limits or B.ArchiveLimits()
-    try:
-        cases = B.discover(source, translator.options.source_modality)
-    except AldmError as exc:
-        fail(str(exc), exc.exit_code)
-    if not cases:
-        fail(f"{source}: no NIfTI volumes found", 2)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        fail(f"cannot create the output folder {out}: {exc.strerror or exc}")
-    stale = B.clean_partials(out)
-    if stale and not quiet:
-        say(f"removed {stale} temporary file(s) left by an interrupted run")
+    cases, journal = start_batch(source, out, translator.options.source_modality, quiet)
     stop = threading.Event()
     bar, task = _bar(quiet, len(cases))
-    journal = B.Journal(out, cases)
 
     def on_event(kind, case, rec):
         if kind == "case" and rec is not None:
@@ -70,6 +57,27 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
     if not quiet:
         print_summary(summary, j, c)
     return B.exit_code(records)
+
+
+def start_batch(source: Path, out: Path, source_modality: str, quiet: bool):
+    """(cases, journal): the cases of a batch input, its output folder made and cleared of the
+    temporary files an interrupted run left. Exits with a one-line error when there is nothing to do."""
+    from aldm import batch as B
+
+    try:
+        cases = B.discover(source, source_modality)
+    except AldmError as exc:
+        fail(str(exc), exc.exit_code)
+    if not cases:
+        fail(f"{source}: no NIfTI volumes found", 2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create the output folder {out}: {exc.strerror or exc}")
+    stale = B.clean_partials(out)
+    if stale and not quiet:
+        say(f"removed {stale} temporary file(s) left by an interrupted run")
+    return cases, B.Journal(out, cases)
 
 
 def print_summary(summary: dict, j: Path, c: Path) -> None:

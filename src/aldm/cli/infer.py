@@ -79,10 +79,6 @@ def infer(
         pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
                                  decode_batch=decode_batch)
         translator = Translator(pipeline, opts)
-        if steps is not None:
-            from aldm.runtime.sampler import ddim_timesteps
-
-            ddim_timesteps(steps, pipeline.manifest.schedule.timesteps)
     except AldmError as exc:
         fail(str(exc), exc.exit_code)
     if batch is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import typer
 
 from aldm.cli._common import fail, say
-from aldm.errors import AldmError, ServerError, ServerUnreachable, one_line
+from aldm.errors import AldmError, ServerError, ServerUnreachable, describe, one_line
 
 # options of aldm-infer that only mean something to a local computation: refused with --server
 LOCAL_ONLY = {"model": "--model", "backend": "--backend", "threads": "--threads",
@@ -188,6 +188,7 @@ def completeness(paths: dict[str, Path], opts) -> tuple[bool, str]:
     """Like Translator.completeness, without the model: every output and sidecar exists, each
     output's bytes are those its sidecar hashed, and the sidecar's settings agree with every
     option this run states (the server's model is not known here before a job runs)."""
+    from aldm.nifti import sidecar_path
     from aldm.runtime.manifest import sha256_file
 
     want = {"targets": list(opts.targets), "source_modality": opts.source_modality, "intensity": opts.intensity,
@@ -196,7 +197,7 @@ def completeness(paths: dict[str, Path], opts) -> tuple[bool, str]:
         if getattr(opts, k) is not None:
             want[k] = float(getattr(opts, k)) if k != "steps" else getattr(opts, k)
     for path in paths.values():
-        side = path.with_name(_stem(path.name) + ".json")
+        side = sidecar_path(path)
         if not (path.is_file() and side.is_file()):
             return False, "" if not path.exists() else "previous run unfinished"
         try:
@@ -214,34 +215,15 @@ def completeness(paths: dict[str, Path], opts) -> tuple[bool, str]:
     return True, "complete outputs with the same settings exist"
 
 
-def _stem(name: str) -> str:
-    from aldm.client import output_stem
-
-    return output_stem(name)
-
-
 def run_batch(client, source: Path, out: Path, opts, *, jobs: int, quiet: bool, limits) -> int:
     from aldm import batch as B
-    from aldm.cli.batch_cmd import _bar, _null, print_summary
+    from aldm.cli.batch_cmd import _bar, _null, print_summary, start_batch
     from aldm.infer import output_names
 
-    try:
-        cases = B.discover(source, opts.source_modality)
-    except AldmError as exc:
-        fail(str(exc), exc.exit_code)
-    if not cases:
-        fail(f"{source}: no NIfTI volumes found", 2)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        fail(f"cannot create the output folder {out}: {exc.strerror or exc}")
-    stale = B.clean_partials(out)
-    if stale and not quiet:
-        say(f"removed {stale} temporary file(s) left by an interrupted run")
+    cases, journal = start_batch(source, out, opts.source_modality, quiet)
     stop = threading.Event()
     fatal: list[str] = []  # the server went away or refused the token: the other cases are not sent
     bar, task = _bar(quiet, len(cases))
-    journal = B.Journal(out, cases)
     archive = B.ArchiveReader(source, limits)
     archive_lock = threading.Lock()
     sub = submit_options(opts)
@@ -282,9 +264,9 @@ def run_batch(client, source: Path, out: Path, opts, *, jobs: int, quiet: bool, 
         except ServerError as exc:
             if exc.exit_code == 2:
                 fatal.append(str(exc))
-            return B.Record(case.id, "failed", B._reason(exc))
+            return B.Record(case.id, "failed", describe(exc))
         except Exception as exc:  # one case's failure, whatever its type, never the batch's
-            return B.Record(case.id, "failed", B._reason(exc))
+            return B.Record(case.id, "failed", describe(exc))
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="aldm-remote")
     try:

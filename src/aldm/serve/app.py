@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from aldm.errors import AldmError, InputError, UsageError
+from aldm.nifti import sidecar_path
 from aldm.serve.jobs import Job, check_name, new_id, reason, valid_id
 from aldm.serve.service import Service, parse_options
 
@@ -134,7 +135,7 @@ def create_app(service: Service) -> FastAPI:
         if job.status == "done":
             out = store.out_dir(job)
             for target, fname in job.outputs.items():
-                side = out / (fname.removesuffix(".gz").removesuffix(".nii") + ".json")
+                side = sidecar_path(out / fname)
                 doc["outputs"][target] = {
                     "file": fname, "url": f"/v1/translations/{job.id}/{target}",
                     "sidecar": json.loads(side.read_text()) if side.is_file() else None}
@@ -159,7 +160,7 @@ def create_app(service: Service) -> FastAPI:
     def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        service._update_gauges()
+        service.update_gauges()
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/translations", status_code=202)
@@ -219,7 +220,7 @@ def create_app(service: Service) -> FastAPI:
         if position is None:
             shutil.rmtree(folder, ignore_errors=True)
             return error(429, f"queue full ({store.max_queue} jobs waiting)", retry_after=service.retry_after())
-        service._update_gauges()
+        service.update_gauges()
         url = f"/v1/translations/{job_id}"
         return JSONResponse({"id": job_id, "status": "queued", "url": url, "queue_position": position},
                             status_code=202, headers={"Location": url})

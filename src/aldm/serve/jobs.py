@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aldm.atomic import write_text
-from aldm.errors import AldmError, InputError, one_line
+from aldm.errors import InputError, describe, one_line
 
 log = logging.getLogger("aldm.serve")
 
@@ -278,12 +278,7 @@ def _tree_bytes(folder: Path) -> int:
 def reason(exc: BaseException, *paths: tuple[Path, str]) -> str:
     """A one-line reason for the client, with the server's own paths replaced by what the client
     knows them as (the upload's file name)."""
-    if isinstance(exc, MemoryError):
-        text = "out of memory"
-    elif isinstance(exc, AldmError):
-        text = one_line(exc)
-    else:
-        text = f"{type(exc).__name__}: {one_line(exc)}"
+    text = "out of memory" if isinstance(exc, MemoryError) else describe(exc)
     for path, shown in paths:
         text = text.replace(str(path), shown)
     return text

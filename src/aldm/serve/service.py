@@ -133,7 +133,7 @@ class Service:
     # ------------------------------------------------------------------------------ life cycle
     def start(self) -> dict[str, int]:
         recovered = self.store.recover()
-        self._update_gauges()
+        self.update_gauges()
         for target in (self._load_and_work, self._janitor):
             t = threading.Thread(target=target, name=f"aldm-{target.__name__.strip('_')}", daemon=True)
             t.start()
@@ -208,7 +208,6 @@ class Service:
     def translator(self, options: dict[str, Any], out_dir: Path | None = None):
         """The aldm-infer Translator for these options (raises UsageError for bad ones)."""
         from aldm.infer import Options, Translator
-        from aldm.runtime.sampler import ddim_timesteps
 
         kw = {}
         if self.settings.max_voxels:
@@ -216,10 +215,7 @@ class Service:
         opts = Options(tuple(options["targets"]), out_dir, options["steps"], options["eta"], options["seed"],
                        options["source_modality"], options["naming"], options["intensity"],
                        strength=options["strength"], skull_check=options["skull_check"], **kw)
-        tr = Translator(self.pipeline, opts)
-        if options["steps"] is not None:
-            ddim_timesteps(options["steps"], self.pipeline.manifest.schedule.timesteps)
-        return tr
+        return Translator(self.pipeline, opts)
 
     def _work(self) -> None:
         while True:
@@ -229,13 +225,13 @@ class Service:
             try:
                 self._run(job)
             finally:
-                self._update_gauges()
+                self.update_gauges()
 
     def _run(self, job: Job) -> None:
         store = self.store
         src, out = store.input_path(job), store.out_dir(job)
         self.metrics.wait.observe(max(0.0, job.started - job.created))
-        self._update_gauges()
+        self.update_gauges()
 
         def on_stage(name: str) -> None:
             job.stage = name
@@ -272,14 +268,14 @@ class Service:
             for k, v in job.timings.items():
                 self.metrics.stage.labels(k).observe(v)
             self.durations = (self.durations + [job.timings.get("total", 0.0)])[-20:]
-        self._update_gauges()
+        self.update_gauges()
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue times the recent mean job time."""
         mean = statistics.fmean(self.durations) if self.durations else 10.0
         return int(min(600, max(1, math.ceil(mean * max(1, len(self.store.queue)) / 2))))
 
-    def _update_gauges(self) -> None:
+    def update_gauges(self) -> None:
         for state, n in self.store.counts().items():
             self.metrics.jobs.labels(state).set(n)
         self.metrics.queue_depth.set(len(self.store.queue))
@@ -288,7 +284,7 @@ class Service:
         while not self.stop.wait(30):
             try:
                 if self.store.sweep():
-                    self._update_gauges()
+                    self.update_gauges()
             except OSError as exc:  # a disk hiccup must not end the janitor
                 log.warning("results sweep failed: %s", exc)
 
