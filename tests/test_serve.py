@@ -6,6 +6,7 @@ demand (steps=500) when a test needs a job to be running while it acts."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import re
@@ -19,7 +20,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import synthetic_volume, write_nifti
@@ -150,7 +150,7 @@ def test_a_translation_through_the_server_is_byte_identical_to_aldm_infer(server
     assert re.fullmatch(r"[A-Za-z0-9_-]{24}", doc["id"])
     done = wait(server, doc["id"])
     assert done["status"] == "done" and set(done["outputs"]) == {"t2", "flair"}
-    assert done["timings"]["total"] > 0 and done["outputs"]["t2"]["sidecar"]["seed"] == done["outputs"]["t2"]["sidecar"]["seed"]
+    assert done["timings"]["total"] > 0
     local = subprocess.run([sys.executable, "-m", "aldm.cli.infer", str(source), "--model", str(tiny_export),
                             "--targets", "t2,flair", "--seed", "7", "--out", str(tmp_path), "--quiet"],
                            capture_output=True, text=True)
@@ -160,8 +160,8 @@ def test_a_translation_through_the_server_is_byte_identical_to_aldm_infer(server
         assert code == 200 and headers["content-type"] == "application/gzip"
         assert f"case01_t1_{target}.nii.gz" in headers["content-disposition"]
         assert data == (tmp_path / f"case01_t1_{target}.nii.gz").read_bytes()  # data and header, byte for byte
-        side = done["outputs"][target]["sidecar"]
-        assert side["settings_digest"] == json.loads((tmp_path / f"case01_t1_{target}.json").read_text())["settings_digest"]
+        side, local_side = done["outputs"][target]["sidecar"], json.loads((tmp_path / f"case01_t1_{target}.json").read_text())
+        assert side["settings_digest"] == local_side["settings_digest"] and side["seed"] == local_side["seed"]
     # multipart: the file name comes from the part, the options from form fields; same bytes
     boundary = "aldmtestboundary"
     body = b"".join([
@@ -288,8 +288,16 @@ def test_token_upload_cap_and_open_probes(token_server, source):
     assert "token" in _one_line_error(request(s, "GET", "/v1/translations/" + "A" * 24,
                                               headers={"Authorization": f"Basic {TOKEN}"}), 401)
     assert request(s, "GET", "/metrics", token=TOKEN)[0] == 200
-    big = os.urandom(2 << 20)  # over --max-upload-mb 1
-    assert "limit" in _one_line_error(request(s, "POST", f"/v1/translations?name=big.nii.gz", big, token=TOKEN), 413)
+    # a Content-Length over --max-upload-mb 1 is answered before any of the body is read: send the
+    # headers alone (sending the 2 MB too would race the server closing the connection after its 413)
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    conn.putrequest("POST", "/v1/translations?name=big.nii.gz")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert "limit" in _one_line_error((r.status, dict(r.headers), r.read()), 413)
+    conn.close()
 
     def chunks():  # no Content-Length: the cap holds while the body streams
         for _ in range(3):
@@ -340,7 +348,10 @@ def test_forty_submissions_from_eight_clients_against_a_queue_of_four(tiny_expor
         assert codes.count(429) > 0 and codes.count(202) >= 4
         assert all(ra is not None and int(ra) >= 1 for c, ra, _ in seen if c == 429)
         accepted = [j for c, _, j in seen if c == 202]
-        assert all(wait(s, j)["status"] == "done" for j in accepted)
+        finished = [wait(s, j) for j in accepted]
+        assert all(d["status"] == "done" for d in finished)
+        spans = sorted((d["started"], d["finished"]) for d in finished)  # one worker: one job at a time
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
         text = request(s, "GET", "/metrics")[2].decode()
         route = "/v1/translations"
         assert metric(text, "aldm_http_requests_total", route=route, method="POST", code="202") == codes.count(202)
@@ -397,6 +408,65 @@ def test_sigterm_finishes_the_running_job_refuses_new_ones_and_resumes_the_queue
         assert wait(s2, queued["id"])["status"] == "done"  # queued at SIGTERM: run after the restart
     finally:
         s2.stop()
+
+
+def test_a_second_signal_stops_at_once_and_the_job_fails_on_restart(tiny_export, tmp_path, source):
+    s = Server(tiny_export, tmp_path / "res").start()
+    _, _, slow = submit(s, source.read_bytes(), name="slow_t1.nii.gz", targets="t2", steps=500, seed=0)
+    wait_running(s, slow["id"])
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(30)  # does not wait for the 500 steps
+    s2 = Server(tiny_export, tmp_path / "res").start()
+    try:
+        doc = wait(s2, slow["id"])
+        assert doc["status"] == "failed" and doc["error"] == "server restarted" and doc["step"] < 500
+    finally:
+        s2.stop()
+
+
+def test_uploads_stream_to_disk_not_into_memory(tiny_export, tmp_path):
+    """A 256 MB upload raises the server's peak memory by far less than its size."""
+    s = Server(tiny_export, tmp_path / "res").start()
+    try:
+        def peak_kb():
+            status = Path(f"/proc/{s.proc.pid}/status").read_text()
+            return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+        before = peak_kb()
+        size = 256 << 20
+
+        def body():
+            block = b"\0" * (1 << 20)
+            for _ in range(size >> 20):
+                yield block
+        req = urllib.request.Request(s.url + "/v1/translations?name=big.nii", data=body(), method="POST",
+                                     headers={"Content-Length": str(size)})
+        with pytest.raises(urllib.error.HTTPError) as e:  # zeros are not a NIfTI: 400, after streaming it all
+            urllib.request.urlopen(req, timeout=120)
+        assert e.value.code == 400
+        assert peak_kb() - before < 64 * 1024
+        assert not list((s.results / ".incoming").iterdir())
+    finally:
+        s.stop()
+
+
+def test_readiness_waits_for_the_warm_model_and_free_disk(tiny_export, tmp_path):
+    from aldm.serve.service import Service, Settings
+
+    service = Service(Settings(model=tiny_export, results=tmp_path / "r", min_free_mb=1))
+    assert service.ready() == (False, "loading and warming the model")
+    service.start()
+    assert service.warm.wait(60) and service.ready() == (True, "ready")
+    greedy = Service(Settings(model=tiny_export, results=tmp_path / "g", min_free_mb=1 << 40))
+    greedy.start()
+    assert greedy.warm.wait(60)
+    ok, why = greedy.ready()
+    assert not ok and "MiB free" in why
+    service.drain()
+    greedy.drain()
+    assert service.ready() == (False, "shutting down")
 
 
 def test_eviction_keeps_running_and_queued_jobs(tmp_path):
