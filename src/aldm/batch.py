@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import signal
+import sys
 import tarfile
 import tempfile
 import threading
@@ -425,7 +426,18 @@ def sigint_stops(stop: threading.Event, say: Callable[[str], None]):
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        # After a first Ctrl-C the process is on its way out (report, summary, interpreter shutdown
+        # joining threads); a second one then ends it at once, quietly, instead of surfacing as a
+        # KeyboardInterrupt traceback from wherever shutdown happens to be. The report on disk is
+        # always a complete one (atomic replace), so nothing is lost by not unwinding.
+        signal.signal(signal.SIGINT, _exit_at_once if stop.is_set() else old)
+
+
+def _exit_at_once(signum, frame):
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)
 
 
 # ------------------------------------------------------------------------------ report
