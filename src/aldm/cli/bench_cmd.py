@@ -1,4 +1,4 @@
-"""`aldm bench`: component latency, end-to-end seconds per volume, peak RSS."""
+"""`aldm bench`: component latency and GFLOP/s, end-to-end seconds per volume, peak RSS."""
 
 from __future__ import annotations
 
@@ -22,13 +22,18 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed calls per component (median and p90 reported).")] = 3,
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps for the end-to-end runs. Default: the manifest's.")] = None,
     e2e: Annotated[bool, typer.Option(help="Time whole translations with 1 and 3 targets.")] = True,
-    torch_ref: Annotated[bool, typer.Option("--torch/--no-torch", help="Also time PyTorch eager (if installed) and report the ratio.")] = True,
+    torch_ref: Annotated[bool, typer.Option("--torch/--no-torch", help="Also time PyTorch eager (if installed; in a separate process) and report the ratio.")] = True,
     torch_device: Annotated[str, typer.Option(help="Device of the PyTorch eager reference: cpu or cuda.")] = "cpu",
     torch_fp16: Annotated[bool, typer.Option("--torch-fp16", help="Run the PyTorch reference under CUDA FP16 autocast.")] = False,
     precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8. Default: fp16 for trt, fp32 for ONNX Runtime.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh-process/--no-fresh-process", help="Also translate once into 3 targets in a fresh process and report that process's peak RSS.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
 ) -> None:
-    """Benchmark an exported model: prints a table; --json writes the figures."""
+    """Benchmark an exported model: prints a table; --json writes the figures.
+
+    GFLOP/s = FLOPs counted from each ONNX graph (batch 1, 1 MAC = 2 FLOPs) / median seconds.
+    Peak RSS is reported for this process (the engine path), for one translation in a fresh
+    process, and for the PyTorch eager reference (its own process)."""
     from aldm.runtime.bench import bench_model, format_report
     from aldm.runtime.manifest import ModelDir
 
@@ -36,7 +41,7 @@ def bench(
                          components=split_list(components), warmup=warmup, repeats=repeats,
                          e2e_targets=(1, 3) if e2e else (), steps=steps, torch_reference=torch_ref,
                          torch_device=torch_device, torch_fp16=torch_fp16, precision=precision,
-                         progress=say)
+                         fresh_process=fresh, progress=say)
     typer.echo(format_report(result))
     if json_out:
         write_text(json_out, json.dumps(result, indent=1))

@@ -1,120 +1,258 @@
-"""`aldm bench`: per-component latency, end-to-end seconds per volume, peak RSS.
+"""`aldm bench`: per-component latency and GFLOP/s, end-to-end seconds per volume, peak RSS.
 
-A benchmark prints figures (and writes JSON); it is not a test. When torch is installed the
-same components run in PyTorch eager (random weights of the same architecture: speed does not
-depend on the values) and the ORT / PyTorch ratio is reported.
+A benchmark prints figures (and writes JSON); it is not a test. Memory is measured where it
+belongs: `peak_rss_mb` is this process's (the engine path: every component timed, then the
+end-to-end runs); the PyTorch eager reference (random weights of the same architecture: speed
+does not depend on the values) runs in a process of its own and reports its own peak; and one
+end-to-end translation runs in a fresh process that only loads the pipeline and translates,
+which is the peak a user's translation needs. GFLOP/s = the FLOPs counted from the component's
+ONNX graph (aldm.runtime.flops; 1 MAC = 2 FLOPs, batch 1) / the median seconds.
 """
 
 from __future__ import annotations
 
-import resource
-import statistics
+import datetime
+import importlib.util
+import os
+import platform
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
-from aldm.runtime.backends import make_runners
 from aldm.runtime import sampler as S
+from aldm.runtime.backends import make_runners
+from aldm.runtime.bench_child import component_feeds, peak_rss_mb, run_child, time_calls
 from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
-
-
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    runs.sort()
-    p90 = runs[min(len(runs) - 1, int(np.ceil(0.9 * len(runs))) - 1)]
-    return {"median_s": statistics.median(runs), "p90_s": p90, "runs": len(runs)}
+__all__ = ["bench_model", "format_report", "bench_meta", "peak_rss_mb", "time_calls"]
 
 
 def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int | None = None,
                 components: Sequence[str] = COMPONENTS, warmup: int = 1, repeats: int = 3,
                 e2e_targets: Sequence[int] = (1, 3), steps: int | None = None,
                 torch_reference: bool = True, torch_device: str = "cpu", torch_fp16: bool = False,
-                precision: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
+                precision: str | None = None, fresh_process: bool = True,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Time `components` and whole translations on `backend`; see the module docstring.
+
+    fresh_process: also translate once into max(e2e_targets) targets in a fresh process and
+    record its peak RSS (end_to_end["<n>_targets"]["fresh_process"] and ["peak_rss_mb"]).
+    """
     say = progress or (lambda s: None)
     m = model_dir.manifest
-    feeds = {c: sample_feeds(model_dir.component(c), 1, i) for i, c in enumerate(COMPONENTS)}
+    feeds = {c: component_feeds(model_dir, c) for c in components}
     runners = make_runners(model_dir, backend, threads=threads, precision=precision)
-    out: dict = {"backend": backend, "precision": precision or "default", "threads": threads, "crop_size": list(m.preprocessing.crop_size),
+    out: dict = {"meta": bench_meta(backend), "backend": backend, "precision": precision or "default",
+                 "threads": threads, "crop_size": list(m.preprocessing.crop_size),
                  "latent_shape": list(m.latent_shape), "components": {}, "end_to_end": {}}
     for c in components:
         say(f"{backend}: {c}")
         out["components"][c] = time_calls(lambda: runners[c].infer(feeds[c]), warmup, repeats)
+    n_steps = steps or m.sampler.steps
+    calls = S.strength_steps(n_steps, m.sampler.strength) if m.sampler.name == "ddim" else n_steps
     if e2e_targets:
         from aldm.runtime.pipeline import Pipeline
 
         pipe = Pipeline(model_dir, runners)
         x = sample_feeds(model_dir.component("encoder"), 1, 99)["x"]
-        n_steps = steps or m.sampler.steps
-        calls = S.strength_steps(n_steps, m.sampler.strength) if m.sampler.name == "ddim" else n_steps
         for n in e2e_targets:
             targets = [mod for mod in m.modalities if mod != "t1"][:n]
             say(f"{backend}: end to end, {n} target(s), {calls} UNet calls")
             t0 = time.perf_counter()
             tr = pipe.translate(x, targets, steps=n_steps, seed=0)
             out["end_to_end"][f"{n}_targets"] = {"seconds_per_volume": time.perf_counter() - t0,
-                                                 "steps": n_steps, "unet_calls": calls,
+                                                 "targets": len(targets), "steps": n_steps, "unet_calls": calls,
                                                  "strength": m.sampler.strength, "stages_s": tr.timings}
     for r in runners.values():
         r.deactivate()
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()  # before anything else runs here: the engine path's own peak
+
+    if e2e_targets and fresh_process:
+        n = max(e2e_targets)
+        say(f"{backend}: end to end, {n} target(s), in a fresh process (peak RSS)")
+        fresh = run_child("e2e", {"model_dir": str(model_dir.path), "backend": backend, "threads": threads,
+                                  "precision": precision, "targets": n, "steps": n_steps})
+        out["end_to_end"][f"{n}_targets"]["fresh_process"] = fresh
+        out["end_to_end"][f"{n}_targets"]["peak_rss_mb"] = fresh.get("peak_rss_mb") if "error" not in fresh else None
     if torch_reference:
-        out["torch_eager"] = _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say,
+        out["torch_eager"] = _torch_reference(model_dir, components, threads, warmup, repeats, say,
                                               torch_device, torch_fp16)
-        if out["torch_eager"]:
-            out["ratio_ort_over_torch"] = {
-                c: out["components"][c]["median_s"] / out["torch_eager"]["components"][c]["median_s"]
-                for c in components}
+        te = (out["torch_eager"] or {}).get("components", {})
+        if all(c in te for c in components) and components:
+            out["ratio_ort_over_torch"] = {c: out["components"][c]["median_s"] / te[c]["median_s"]
+                                           for c in components}
+    _add_flops(out, model_dir, components, say)
     return out
 
 
-def _torch_reference(model_dir, feeds, components, threads, warmup, repeats, say,
+def _torch_reference(model_dir: ModelDir, components, threads, warmup, repeats, say,
                      device: str = "cpu", fp16: bool = False) -> dict | None:
-    try:
-        import torch
-
-        from aldm.export.check import TorchRunner
-        from aldm.models import ALDM, LDMConfig
-    except ImportError:
+    """PyTorch eager timings from a child process (None when torch is not installed)."""
+    if importlib.util.find_spec("torch") is None:
         return None
-    if threads:
-        torch.set_num_threads(threads)
-    cfg = model_dir.manifest.config
-    model = ALDM(LDMConfig.from_dict(cfg) if cfg else LDMConfig()).eval()
-    res = {"device": device, "fp16_autocast": fp16, "components": {}}
+    say(f"torch eager ({device}): in a separate process")
+    return run_child("torch", {"model_dir": str(model_dir.path), "components": list(components),
+                               "threads": threads, "warmup": warmup, "repeats": repeats,
+                               "device": device, "fp16": fp16})
+
+
+def _add_flops(out: dict, model_dir: ModelDir, components, say) -> None:
+    """FLOPs of every component graph, GFLOP/s beside each median (engine and torch eager) and
+    for the end-to-end runs. Without the onnx package: a note instead, no GFLOP/s."""
+    from aldm.runtime.flops import CONVENTION, graph_flops
+
+    say("counting FLOPs of the ONNX graphs")
+    try:
+        counts = {c: graph_flops(model_dir.component_file(c)) for c in COMPONENTS}
+    except ImportError as exc:
+        out["flops"] = None
+        out["flops_note"] = f"no GFLOP/s: {exc}"
+        return
+    out["flops_convention"] = CONVENTION
+    out["flops"] = {c: {"flops": v["flops"], "macs": v["macs"],
+                        "by_op": {op: e["flops"] for op, e in v["by_op"].items()},
+                        "memory_bound_elements": v["memory_bound_elements"],
+                        **({"unresolved_nodes": len(v["unresolved"])} if v["unresolved"] else {})}
+                    for c, v in counts.items()}
+    te = (out.get("torch_eager") or {}).get("components", {})
     for c in components:
-        say(f"torch eager ({device}{', fp16' if fp16 else ''}): {c}")
-        runner = TorchRunner(model, c, device, autocast=fp16)
-        runner.activate()
-        res["components"][c] = time_calls(lambda: runner.infer(feeds[c]), warmup, repeats)
-    res["peak_rss_mb"] = peak_rss_mb()
-    return res
+        f = counts[c]["flops"]
+        for res in (out["components"].get(c), te.get(c)):
+            if res:
+                res["gflop"] = f / 1e9
+                res["gflop_per_s"] = f / res["median_s"] / 1e9
+    for v in out["end_to_end"].values():
+        n, calls = v["targets"], v["unet_calls"]
+        f = counts["encoder"]["flops"] + n * (counts["spade"]["flops"] + counts["decoder"]["flops"]
+                                              + calls * counts["unet"]["flops"])
+        v["gflop"] = f / 1e9
+        v["gflop_per_s"] = f / v["seconds_per_volume"] / 1e9
+
+
+def bench_meta(backend: str) -> dict:
+    """Where the figures come from: versions, commit, CPU, date."""
+    import aldm
+
+    meta = {"aldm": aldm.__version__, "git_commit": _git_commit(Path(aldm.__file__).resolve().parent),
+            "backend": backend, "backend_versions": _versions(), "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        meta["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    gpu = _gpu_name() if backend in ("auto", "ort-cuda", "trt") else None
+    if gpu:
+        meta["gpu"] = gpu
+    return meta
+
+
+def _git_commit(where: Path) -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (r.stdout.strip() or None) if r.returncode == 0 else None
+
+
+def _versions() -> dict[str, str]:
+    """Installed versions of the inference backends (from package metadata: nothing is imported)."""
+    from importlib import metadata
+
+    found = {}
+    for label, dists in (("onnxruntime", ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")),
+                         ("openvino", ("openvino",)), ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
+                         ("torch", ("torch",)), ("onnx", ("onnx",)), ("numpy", ("numpy",))):
+        for d in dists:
+            try:
+                found[label] = metadata.version(d)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name() -> str | None:
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+
+
+def _fmt(v, spec: str) -> str:
+    """v formatted with spec; a '-' as wide as the field when there is no figure."""
+    width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 1)
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def format_report(r: dict) -> str:
-    lines = [f"backend {r['backend']}  threads {r['threads'] or 'default'}  crop {r['crop_size']}  "
-             f"latent {r['latent_shape']}"]
-    te = (r.get("torch_eager") or {}).get("components", {})
+    meta = r.get("meta") or {}
+    vers = "  ".join(f"{k} {v}" for k, v in (meta.get("backend_versions") or {}).items()
+                     if k in ("onnxruntime", "openvino", "tensorrt", "torch"))
+    lines = []
+    if meta:
+        commit = (meta.get("git_commit") or "")[:10]
+        lines.append(f"aldm {meta.get('aldm')}{f' ({commit})' if commit else ''}  {vers}  "
+                     f"{meta.get('cpu')} ({meta.get('cpu_count')} cores)"
+                     + (f"  {meta['gpu']}" if meta.get("gpu") else "") + f"  {meta.get('date')}")
+    lines.append(f"backend {r['backend']}  precision {r.get('precision', 'default')}  "
+                 f"threads {r['threads'] or 'default'}  crop {r['crop_size']}  latent {r['latent_shape']}")
+    te_block = r.get("torch_eager") or {}
+    te = te_block.get("components", {})
+    head = f"  {'component':<9} {'GFLOP':>9} {'median s':>9} {'p90 s':>9} {'GFLOP/s':>9}"
+    if te:
+        head += f"   {'torch s':>9} {'GFLOP/s':>9} {'ratio':>6}"
+    lines.append(head)
     for c, v in r["components"].items():
-        line = f"  {c:<8} median {v['median_s']:.3f}s  p90 {v['p90_s']:.3f}s"
+        line = (f"  {c:<9} {_fmt(v.get('gflop'), '9.4g')} {v['median_s']:9.3f} {v['p90_s']:9.3f} "
+                f"{_fmt(v.get('gflop_per_s'), '9.4g')}")
         if c in te:
-            line += (f"   torch eager median {te[c]['median_s']:.3f}s  "
-                     f"ratio ORT/torch {r['ratio_ort_over_torch'][c]:.2f}")
+            ratio = (r.get("ratio_ort_over_torch") or {}).get(c)
+            line += (f"   {te[c]['median_s']:9.3f} {_fmt(te[c].get('gflop_per_s'), '9.4g')} "
+                     f"{_fmt(ratio, '6.2f')}")
         lines.append(line)
+    if te:
+        lines.append("  (ratio = engine median / torch eager median; torch eager: random weights of the same "
+                     "architecture, in its own process)")
     for k, v in r["end_to_end"].items():
         stages = ", ".join(f"{s} {t:.2f}s" for s, t in v["stages_s"].items())
-        lines.append(f"  end to end, {k.replace('_', ' ').replace('1 targets', '1 target')}: {v['seconds_per_volume']:.2f} s/volume "
-                     f"({v['steps']} steps, {v.get('unet_calls', v['steps'])} UNet calls; {stages})")
-    lines.append(f"  peak RSS {r['peak_rss_mb']:.0f} MB" + (
-        f" (after torch eager: {r['torch_eager']['peak_rss_mb']:.0f} MB)" if r.get("torch_eager") else ""))
+        rate = f", {v['gflop_per_s']:.4g} GFLOP/s" if v.get("gflop_per_s") is not None else ""
+        lines.append(f"  end to end, {k.replace('_', ' ').replace('1 targets', '1 target')}: "
+                     f"{v['seconds_per_volume']:.2f} s/volume ({v['steps']} steps, "
+                     f"{v.get('unet_calls', v['steps'])} UNet calls; {stages}{rate})")
+    lines.append(f"  peak RSS, engine path (this process): {r['peak_rss_mb']:.0f} MB")
+    for k, v in r["end_to_end"].items():
+        fresh = v.get("fresh_process")
+        if not fresh:
+            continue
+        label = k.replace("_", " ").replace("1 targets", "1 target")
+        if "error" in fresh:
+            lines.append(f"  peak RSS, one translation ({label}) in a fresh process: not measured ({fresh['error']})")
+        else:
+            lines.append(f"  peak RSS, one translation ({label}) in a fresh process: {fresh['peak_rss_mb']:.0f} MB "
+                         f"(load {fresh['load_s']:.2f} s, translate {fresh['seconds_per_volume']:.2f} s)")
+    if "torch_eager" in r:
+        if te_block.get("error"):
+            lines.append(f"  torch eager: failed ({te_block['error']})")
+        elif te_block:
+            lines.append(f"  peak RSS, torch eager (its own process): {te_block['peak_rss_mb']:.0f} MB")
+        else:
+            lines.append("  torch eager: not run (torch is not installed)")
+    if r.get("flops_note"):
+        lines.append(f"  {r['flops_note']}")
+    elif r.get("flops"):
+        lines.append("  FLOPs from the ONNX graphs at batch 1, 1 MAC = 2 FLOPs (Conv, ConvTranspose, MatMul, Gemm)")
     return "\n".join(lines)
