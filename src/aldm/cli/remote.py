@@ -23,7 +23,7 @@ from aldm.errors import AldmError, ServerError, ServerUnreachable, describe, one
 
 # options of aldm-infer that only mean something to a local computation: refused with --server
 LOCAL_ONLY = {"model": "--model", "backend": "--backend", "threads": "--threads",
-              "decode_batch": "--decode-batch", "preview": "--preview", "skull_strip": "--skull-strip",
+              "decode_batch": "--decode-batch", "tile_rows": "--tile-rows", "preview": "--preview", "skull_strip": "--skull-strip",
               "ray": "--ray", "ray_address": "--ray-address", "workers": "--workers",
               "max_voxels": "--max-voxels"}
 

@@ -27,6 +27,7 @@ from torch import nn
 import aldm
 from aldm.atomic import atomic_path, write_text
 from aldm.errors import AldmError, UsageError
+from aldm.export.tiled import export_tiles, supports_tiling
 from aldm.export.trt_compat import check_file
 from aldm.models.aldm import ALDM
 from aldm.runtime.manifest import (MANIFEST, SCHEDULE_FILE, ComponentSpec, Manifest, Preprocessing,
@@ -111,13 +112,20 @@ def _export_one(model: ALDM, spec: ComponentSpec, path: Path, opset: int) -> Non
     feeds = sample_feeds(spec, batch=2, num_classes=model.config.first_stage_config.num_classes)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     batch = torch.export.Dim("batch", min=1, max=1024)
+    export_graph(graph, spec, path, args, {t.name: {0: batch} for t in spec.inputs}, opset)
+
+
+def export_graph(graph: nn.Module, spec: ComponentSpec, path: Path, args: tuple, dynamic: dict,
+                 opset: int = OPSET) -> None:
+    """One module -> one self-contained ONNX file: dynamo export, staged normalisations, no
+    debug metadata. `dynamic`: input name -> {axis: torch.export.Dim} (or None: all static)."""
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), _quiet_logs():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph, args, str(path), input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs], opset_version=opset, dynamo=True,
-            dynamic_shapes={t.name: {0: batch} for t in spec.inputs}, optimize=True, verbose=False,
+            dynamic_shapes=dynamic, optimize=True, verbose=False,
             external_data=False,
         )
     import onnx
@@ -161,11 +169,13 @@ def _quiet_logs():
 def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int, int] = (144, 192, 144),
                  steps: int = 200, eta: float = 1.0, strength: float = 1.0, spacing=(1.0, 1.0, 1.0),
                  source: dict | None = None, opset: int = OPSET, overwrite: bool = False,
-                 bound_latents: bool = False, progress: Callable[[str], None] | None = None) -> Manifest:
+                 bound_latents: bool = False, tiles: bool = True, progress: Callable[[str], None] | None = None) -> Manifest:
     """Export `model` into `out_dir` (created atomically); returns the manifest written.
 
     bound_latents: record the codebook's per-channel range, so the runtime clamps the MS-SPADE
     output to it (off by default: the official code does not clamp).
+    tiles: also write the decoder cut for slab-wise decoding (aldm.export.tiled), which bounds the
+    decoder's memory; off, the folder decodes whole volumes only.
     """
     from aldm.runtime.sampler import check_strength, ddim_timesteps
 
@@ -189,6 +199,16 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                 if offenses:
                     lines = "; ".join(map(str, offenses[:10]))
                     raise AldmError(f"{spec.file} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
+            tiling = None
+            if tiles and supports_tiling(model):
+                if progress:
+                    progress("exporting the decoder's slab graphs")
+                tiling = export_tiles(model, tmp, crop, latent_shape(model, crop),
+                                      lambda g, spec, path, a, dyn: export_graph(g, spec, path, a, dyn, opset))
+                for step_file in [tiling["head"]] + [st["file"] for st in tiling["steps"]]:
+                    offenses = check_file(tmp / step_file)
+                    if offenses:
+                        raise AldmError(f"{step_file} is not TensorRT-compatible: {offenses[0]}")
         with atomic_path(tmp / SCHEDULE_FILE) as part:
             np.savez(part, **model.schedule())
         files = {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())}
@@ -202,6 +222,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
             sampler=SamplerDefaults("ddim", steps, float(eta), float(strength)), config=model.config.to_dict(),
             source=source or {}, tools=_tool_versions(opset),
             latent_bounds=codebook_bounds(model) if bound_latents else None,
+            decoder_tiling=tiling,
         )
         write_text(tmp / MANIFEST, manifest.to_json())
         tmp.chmod(0o755)

@@ -24,7 +24,8 @@ from aldm.atomic import write_text
 from aldm.errors import ModelError
 
 FORMAT = "aldm-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder_tiling (the decoder cut for slab-wise decoding)
+READABLE_VERSIONS = (1, 2)  # 1: no decoder_tiling; decodes whole volumes
 MANIFEST = "manifest.json"
 SCHEDULE_FILE = "schedule.npz"
 COMPONENTS = ("encoder", "spade", "unet", "decoder")
@@ -107,6 +108,9 @@ class Manifest:
     # clamped to it (every real target latent is a codebook vector, so clamping cannot move a
     # coordinate away from it); None: unclamped, as the official code runs.
     latent_bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # The decoder cut for slab-wise decoding (aldm.export.tiled): head file, slab axis and the
+    # full-resolution steps (kind, file, input/output buffer names, channels, groups, eps).
+    decoder_tiling: dict[str, Any] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -117,9 +121,12 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         if d.get("format") != FORMAT:
             raise ModelError(f"not an aldm model manifest (format {d.get('format')!r})")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ModelError(f"manifest format version {d.get('format_version')} is not supported "
-                             f"by this aldm (expects {FORMAT_VERSION})")
+        version = d.get("format_version")
+        if version not in READABLE_VERSIONS:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            raise ModelError(f"manifest format version {version} is not supported by this aldm (reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}); "
+                             + ("upgrade aldm" if newer else "re-export the model with `aldm export`"))
         def tensors(items):
             return tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in items)
         comps = {k: ComponentSpec(v["name"], v["file"], tensors(v["inputs"]), tensors(v["outputs"]))
@@ -132,6 +139,8 @@ class Manifest:
             config=d.get("config", {}), source=d.get("source", {}), tools=d.get("tools", {}),
             variants={k: dict(v) for k, v in d.get("variants", {}).items()},
             latent_bounds=_bounds(d.get("latent_bounds"), d["latent_shape"][0]),
+            decoder_tiling=_tiling(d.get("decoder_tiling")),
+            format_version=version,
         )
 
 
@@ -163,6 +172,24 @@ def _bounds(b: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]
     if len(lo) != channels or len(hi) != channels or any(a > c for a, c in zip(lo, hi)):
         raise ModelError(f"manifest latent_bounds must be two rows of {channels} numbers, lows <= highs")
     return lo, hi
+
+
+TILE_KINDS = ("up", "conv", "conv_res", "out")
+
+
+def _tiling(t: Any) -> dict[str, Any] | None:
+    """The decoder_tiling entry, its shape checked (names and file checks come with the folder's)."""
+    if t is None:
+        return None
+    try:
+        ok = (isinstance(t["head"], str) and t["axis"] == 2 and isinstance(t["steps"], list) and t["steps"]
+              and all(st["kind"] in TILE_KINDS and isinstance(st["file"], str) for st in t["steps"])
+              and t["steps"][0]["kind"] == "up" and t["steps"][-1]["kind"] == "out")
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ModelError("manifest decoder_tiling is malformed (head, axis 2, steps from 'up' to 'out')")
+    return t
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +225,9 @@ def named_files(m: Manifest) -> list[tuple[str, Any]]:
     out += [(f"components.{k}.file", c.file) for k, c in m.components.items()]
     out.append(("schedule.file", m.schedule.file))
     out += [(f"variants.{p}.{k}", f) for p, v in m.variants.items() for k, f in v.items()]
+    if m.decoder_tiling:
+        out.append(("decoder_tiling.head", m.decoder_tiling["head"]))
+        out += [(f"decoder_tiling.steps.{i}.file", st["file"]) for i, st in enumerate(m.decoder_tiling["steps"])]
     return out
 
 

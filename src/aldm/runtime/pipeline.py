@@ -1,5 +1,7 @@
 """Translation pipeline over four runners: encode once, SPADE per target, one batched UNet call
-per step for all targets, decode per target (in chunks of `decode_batch` volumes).
+per step for all targets, decode per target: slab by slab when the model folder has the decoder
+cut and the backend runs it (aldm.runtime.tiled: bounded memory, same result), else whole
+volumes in chunks of `decode_batch`.
 
 Works on preprocessed arrays (N, 1, H, W, D) in the model's grid; NIfTI handling lives in
 `aldm.io`. Needs no torch: the runners are ONNX Runtime or TensorRT (or, for checks, torch).
@@ -18,6 +20,7 @@ from aldm.errors import InputError, UsageError
 from aldm.runtime import sampler as S
 from aldm.runtime.manifest import ModelDir
 from aldm.runtime.runners import Runner
+from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder
 
 
 @dataclass
@@ -30,20 +33,27 @@ class Translation:
 
 
 class Pipeline:
-    def __init__(self, model: ModelDir, runners: Mapping[str, Runner], *, decode_batch: int = 1):
+    def __init__(self, model: ModelDir, runners: Mapping[str, Runner], *, decode_batch: int = 1,
+                 tiles: "TiledDecoder | None" = None):
         self.model = model
         self.runners = dict(runners)
         self.decode_batch = max(1, int(decode_batch))
+        self.tiles = tiles
         self._schedule = model.schedule()
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
-             precision: str | None = None, verify: bool = True, decode_batch: int = 1) -> "Pipeline":
+             precision: str | None = None, verify: bool = True, decode_batch: int = 1,
+             tile_rows: int = DEFAULT_TILE_ROWS) -> "Pipeline":
+        """tile_rows: rows per slab of the slab-wise decoder (0: decode whole volumes). Used when
+        the folder has the decoder cut and the decoder runs FP32 on a CPU backend."""
         from aldm.runtime.backends import make_runners
+        from aldm.runtime.tiled import tiled_decoder
 
         model = ModelDir(path, verify=verify)
         runners = make_runners(model, backend, threads=threads, precision=precision)
-        return cls(model, runners, decode_batch=decode_batch)
+        tiles = tiled_decoder(model, runners["decoder"].name, threads, tile_rows) if tile_rows else None
+        return cls(model, runners, decode_batch=decode_batch, tiles=tiles)
 
     @property
     def manifest(self):
@@ -56,6 +66,8 @@ class Pipeline:
     def close(self) -> None:
         for r in self.runners.values():
             r.deactivate()
+        if self.tiles is not None:
+            self.tiles.deactivate()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -139,6 +151,8 @@ class Pipeline:
     def decode(self, z0: np.ndarray) -> np.ndarray:
         """(B, C, h, w, d) diffusion output -> volumes (B, 1, H, W, D), `decode_batch` at a time."""
         z = (z0 / np.float32(self.manifest.scale_factor)).astype(np.float32)
+        if self.tiles is not None:
+            return self.tiles(z)
         parts = [self._run("decoder", z=z[i : i + self.decode_batch])
                  for i in range(0, len(z), self.decode_batch)]
         return np.concatenate(parts)

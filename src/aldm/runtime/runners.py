@@ -37,8 +37,9 @@ def check_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -> None:
     batch = set()
     for t in spec.inputs:
         t.check(feeds[t.name], spec.name)
-        batch.add(feeds[t.name].shape[0])
-    if len(batch) != 1:
+        if t.shape and t.shape[0] == "batch":  # per-graph constants (a slab's norm statistics) have none
+            batch.add(feeds[t.name].shape[0])
+    if len(batch) > 1:
         raise InputError(f"{spec.name}: inputs have different batch sizes {sorted(batch)}")
 
 
