@@ -360,7 +360,11 @@ def test_forty_submissions_from_eight_clients_against_a_queue_of_four(tiny_expor
         assert metric(text, "aldm_jobs", state="done") == len(accepted)
         assert metric(text, "aldm_queue_depth") == 0
         assert metric(text, "aldm_stage_seconds_count", stage="sample") == len(accepted)
-        assert 'backend="ort-cpu"' in text and re.search(r'aldm_model_info\{[^}]*model_sha256="[0-9a-f]{64}"', text)
+        from aldm.runtime.backends import auto_order
+        from aldm.runtime.manifest import ModelDir
+
+        backend = auto_order(ModelDir(tiny_export))[0]  # the server runs `auto`
+        assert f'backend="{backend}"' in text and re.search(r'aldm_model_info\{[^}]*model_sha256="[0-9a-f]{64}"', text)
     finally:
         s.stop()
 

@@ -18,7 +18,7 @@ from aldm.export.precision import fp32_nodes, node_scope, to_fp16
 from aldm.export.stable_norm import MARK as NORM_MARK
 from aldm.export.trt_compat import check_file
 from aldm.runtime import trt
-from aldm.runtime.backends import FallbackRunner, auto_order
+from aldm.runtime.backends import FallbackRunner, auto_order, fallback_chain
 from aldm.runtime.manifest import ModelDir, sample_feeds, sha256_file
 from aldm.runtime.runners import OrtRunner
 
@@ -80,10 +80,21 @@ def test_without_tensorrt_the_backend_says_why(tiny_export):
 
 
 def test_auto_order_given_the_probe_results():
-    """Only the ordering: both probes are given (the probes themselves are tested below)."""
-    assert auto_order(None, trt_ok=True, cuda_ok=True) == ["trt", "ort-cuda", "ort-cpu"]
-    assert auto_order(None, trt_ok=False, cuda_ok=True) == ["ort-cuda", "ort-cpu"]
-    assert auto_order(None, trt_ok=False, cuda_ok=False) == ["ort-cpu"]
+    """Only the ordering: every probe is given (the probes themselves are tested below and in
+    test_openvino)."""
+    assert auto_order(None, trt_ok=True, cuda_ok=True, ov_ok=False) == ["trt", "ort-cuda", "ort-cpu"]
+    assert auto_order(None, trt_ok=False, cuda_ok=True, ov_ok=False) == ["ort-cuda", "ort-cpu"]
+    assert auto_order(None, trt_ok=False, cuda_ok=False, ov_ok=False) == ["ort-cpu"]
+    assert auto_order(None, trt_ok=True, cuda_ok=True, ov_ok=True) == ["trt", "ort-cuda", "ov-cpu", "ort-cpu"]
+    assert auto_order(None, trt_ok=False, cuda_ok=False, ov_ok=True) == ["ov-cpu", "ort-cpu"]
+
+
+def test_out_of_memory_fallback_ends_at_the_first_cpu_backend():
+    """A GPU that ran out of memory falls back to the best CPU engine; the CPU ones do not chain."""
+    assert fallback_chain(["trt", "ort-cuda", "ov-cpu", "ort-cpu"]) == ["trt", "ort-cuda", "ov-cpu"]
+    assert fallback_chain(["trt", "ort-cuda", "ort-cpu"]) == ["trt", "ort-cuda", "ort-cpu"]
+    assert fallback_chain(["ov-cpu", "ort-cpu"]) == ["ov-cpu"]
+    assert fallback_chain(["ort-cpu"]) == ["ort-cpu"]
 
 
 class FakeTensorRT(types.ModuleType):

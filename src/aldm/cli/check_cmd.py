@@ -16,7 +16,7 @@ from aldm.cli._common import handle_errors, say, split_list
 def check(
     model_dir: Annotated[Path, typer.Argument(help="Exported model folder.")],
     reference: Annotated[Optional[Path], typer.Option("--reference", "--ldm", help="LDM checkpoint to compare with. Default: the one the manifest records (a relative path is looked up in the aldm repository above the model folder: the bundled model's is models/default/last.ckpt), checked against its recorded sha256.")] = None,
-    backends: Annotated[Optional[str], typer.Option(help="Comma-separated backends. Default: every available one (ort-cpu, ort-cuda, trt).")] = None,
+    backends: Annotated[Optional[str], typer.Option(help="Comma-separated backends. Default: every available one (ort-cpu, ov-cpu, ort-cuda, trt).")] = None,
     precisions: Annotated[Optional[str], typer.Option(help="Comma-separated precisions (fp32, fp16, int8). Default: every one the model folder holds.")] = None,
     e2e: Annotated[Optional[list[Path]], typer.Option(help="Source volumes (repeatable): also translate each at every reduced precision and at FP32 and require the end-to-end PSNR (45 dB FP16, 35 dB INT8).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="DDIM steps of the end-to-end runs. Default: the manifest's.")] = None,

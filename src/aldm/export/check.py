@@ -119,10 +119,10 @@ def source_checkpoint(model_dir: ModelDir, kind: str = "ldm",
 
 def available_backends() -> list[str]:
     from aldm.runtime import trt
-    from aldm.runtime.backends import ort_cuda_available
+    from aldm.runtime.backends import ort_cuda_available, ov_available
 
-    return ["ort-cpu"] + (["ort-cuda"] if ort_cuda_available() else []) + (
-        ["trt"] if trt.tensorrt_version() else [])
+    return ["ort-cpu"] + (["ov-cpu"] if ov_available() else []) + (
+        ["ort-cuda"] if ort_cuda_available() else []) + (["trt"] if trt.tensorrt_version() else [])
 
 
 def check_feeds(model_dir: ModelDir, batch: int, seed: int, n_classes: int,
