@@ -33,6 +33,7 @@ def infer(
     naming: Annotated[str, typer.Option(help="stem: <stem>_<target>.nii.gz; brasyn: <ID>-<t1n|t1c|t2w|t2f>.nii.gz.")] = "stem",
     intensity: Annotated[str, typer.Option(help="unit: float32 in [0, 1]; source: mapped to the source's 0.5-99.5 percentile range.")] = "unit",
     decode_batch: Annotated[int, typer.Option(help="Volumes decoded at once: higher is faster on big GPUs, lower needs less memory (~6 GB per volume on CPU at 144x192x144).")] = 1,
+    tile_rows: Annotated[int, typer.Option(help="CPU decoding in slabs of this many rows of the 144-row grid, the GroupNorm statistics gathered over the whole volume, so the result equals a whole-volume decode (to 1e-6) while the decoder holds two full-resolution activations instead of all of them: less memory, and faster on CPU. 0 decodes whole volumes (more memory). Used for FP32 on ort-cpu and ov-cpu; GPU backends decode whole volumes.")] = 16,
     preview: Annotated[bool, typer.Option("--preview", help="Also write <stem>_preview.png: axial, coronal and sagittal slices of the source and every output.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs (default: refuse).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-file lines; errors still print.")] = False,
@@ -46,7 +47,7 @@ def infer(
     max_voxels: Annotated[int, typer.Option(help="Refuse a source whose header declares more voxels, before reading its data (a corrupt or hostile header can claim any size).")] = 1024**3,
     max_member_mb: Annotated[int, typer.Option(help="Batch archives: refuse a member larger than this once extracted.")] = 4096,
     max_extract_gb: Annotated[int, typer.Option(help="Batch archives: stop extracting after this many GB in one batch (zip bombs; members are also refused above a 1000:1 compression ratio).")] = 1024,
-    server: Annotated[Optional[str], typer.Option(help="Send every source (or --batch case) to an `aldm serve` server at this URL, e.g. http://127.0.0.1:8080, instead of computing here: same outputs, names, sidecars, report and exit codes, made with the server's model and backend (so --model, --backend, --threads, --decode-batch, --preview, --skull-strip, --ray, --ray-address, --workers and --max-voxels are refused). 429/503 answers are retried after their Retry-After. Default: compute locally.")] = None,
+    server: Annotated[Optional[str], typer.Option(help="Send every source (or --batch case) to an `aldm serve` server at this URL, e.g. http://127.0.0.1:8080, instead of computing here: same outputs, names, sidecars, report and exit codes, made with the server's model and backend (so --model, --backend, --threads, --decode-batch, --tile-rows, --preview, --skull-strip, --ray, --ray-address, --workers and --max-voxels are refused). 429/503 answers are retried after their Retry-After. Default: compute locally.")] = None,
     token_file: Annotated[Optional[Path], typer.Option(help="With --server: a file holding the server's bearer token (surrounding whitespace ignored). Default: no token.")] = None,
 ) -> None:
     """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
@@ -76,8 +77,10 @@ def infer(
         raise typer.Exit(remote(ctx, server, token_file, opts, sources, batch, out, prefetch=prefetch,
                                 quiet=quiet, limits=limits))
     try:
+        if tile_rows < 0:
+            fail("--tile-rows must be 0 (whole volumes) or positive", 2)
         pipeline = Pipeline.load(model or default_model_dir(), backend=backend, threads=threads,
-                                 decode_batch=decode_batch)
+                                 decode_batch=decode_batch, tile_rows=tile_rows)
         translator = Translator(pipeline, opts)
     except AldmError as exc:
         fail(str(exc), exc.exit_code)
