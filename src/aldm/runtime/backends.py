@@ -93,6 +93,20 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
     return torch_runners(model)
 
 
+def extra_graph_runners(model: ModelDir, backend: str, threads: int | None = None):
+    """(file name, spec) -> runner on `backend` for the folder's extra FP32 graphs (per-class
+    MS-SPADE, the decoder's slab graphs), or None where they are not used: a GPU backend (its
+    engines are built for the four components) or a reduced precision. `backend` is a resolved
+    runner name ("ort-cpu", "ov-cpu", "ort-cpu/fp16", ...)."""
+    if backend == "ov-cpu":
+        from aldm.runtime.openvino import OvRunner
+
+        return lambda f, spec: OvRunner(model.file(f), spec, threads=threads)
+    if backend == "ort-cpu":  # the arena is off: one slab or class graph after another, each once
+        return lambda f, spec: OrtRunner(model.file(f), spec, threads=threads, arena=False)
+    return None
+
+
 def _factory(model: ModelDir, backend: str, component: str, threads, precision) -> Callable[[], Runner]:
     return lambda: single_backend(model, backend, threads=threads,
                                   precision=precision if backend == "trt" else None)[component]

@@ -24,7 +24,7 @@ from aldm.atomic import write_text
 from aldm.errors import ModelError
 
 FORMAT = "aldm-model"
-FORMAT_VERSION = 2  # 2: decoder_tiling (the decoder cut for slab-wise decoding)
+FORMAT_VERSION = 2  # 2: decoder_tiling (the decoder cut for slab-wise decoding), spade_per_class
 READABLE_VERSIONS = (1, 2)  # 1: no decoder_tiling; decodes whole volumes
 MANIFEST = "manifest.json"
 SCHEDULE_FILE = "schedule.npz"
@@ -111,6 +111,9 @@ class Manifest:
     # The decoder cut for slab-wise decoding (aldm.export.tiled): head file, slab axis and the
     # full-resolution steps (kind, file, input/output buffer names, channels, groups, eps).
     decoder_tiling: dict[str, Any] | None = None
+    # MS-SPADE graphs for one class each (index = class), input z only: FP32 CPU backends run the
+    # one a target needs. None: only the all-class graph.
+    spade_per_class: tuple[str, ...] | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -140,6 +143,7 @@ class Manifest:
             variants={k: dict(v) for k, v in d.get("variants", {}).items()},
             latent_bounds=_bounds(d.get("latent_bounds"), d["latent_shape"][0]),
             decoder_tiling=_tiling(d.get("decoder_tiling")),
+            spade_per_class=_per_class(d.get("spade_per_class"), len(d["modalities"])),
             format_version=version,
         )
 
@@ -172,6 +176,14 @@ def _bounds(b: Any, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]
     if len(lo) != channels or len(hi) != channels or any(a > c for a, c in zip(lo, hi)):
         raise ModelError(f"manifest latent_bounds must be two rows of {channels} numbers, lows <= highs")
     return lo, hi
+
+
+def _per_class(files: Any, classes: int) -> tuple[str, ...] | None:
+    if files is None:
+        return None
+    if not isinstance(files, list) or len(files) != classes:
+        raise ModelError(f"manifest spade_per_class must list one file per class ({classes})")
+    return tuple(files)
 
 
 TILE_KINDS = ("up", "conv", "conv_res", "out")
@@ -225,6 +237,7 @@ def named_files(m: Manifest) -> list[tuple[str, Any]]:
     out += [(f"components.{k}.file", c.file) for k, c in m.components.items()]
     out.append(("schedule.file", m.schedule.file))
     out += [(f"variants.{p}.{k}", f) for p, v in m.variants.items() for k, f in v.items()]
+    out += [(f"spade_per_class.{k}", f) for k, f in enumerate(m.spade_per_class or ())]
     if m.decoder_tiling:
         out.append(("decoder_tiling.head", m.decoder_tiling["head"]))
         out += [(f"decoder_tiling.steps.{i}.file", st["file"]) for i, st in enumerate(m.decoder_tiling["steps"])]

@@ -18,7 +18,7 @@ import numpy as np
 
 from aldm.errors import InputError, UsageError
 from aldm.runtime import sampler as S
-from aldm.runtime.manifest import ModelDir
+from aldm.runtime.manifest import ComponentSpec, ModelDir
 from aldm.runtime.runners import Runner
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder
 
@@ -34,11 +34,12 @@ class Translation:
 
 class Pipeline:
     def __init__(self, model: ModelDir, runners: Mapping[str, Runner], *, decode_batch: int = 1,
-                 tiles: "TiledDecoder | None" = None):
+                 tiles: "TiledDecoder | None" = None, spade_classes: Sequence[Runner] | None = None):
         self.model = model
         self.runners = dict(runners)
         self.decode_batch = max(1, int(decode_batch))
         self.tiles = tiles
+        self.spade_classes = list(spade_classes) if spade_classes else None
         self._schedule = model.schedule()
 
     @classmethod
@@ -50,10 +51,18 @@ class Pipeline:
         from aldm.runtime.backends import make_runners
         from aldm.runtime.tiled import tiled_decoder
 
+        from aldm.runtime.backends import extra_graph_runners
+
         model = ModelDir(path, verify=verify)
         runners = make_runners(model, backend, threads=threads, precision=precision)
         tiles = tiled_decoder(model, runners["decoder"].name, threads, tile_rows) if tile_rows else None
-        return cls(model, runners, decode_batch=decode_batch, tiles=tiles)
+        spade_classes = None
+        factory = extra_graph_runners(model, runners["spade"].name, threads)
+        if model.manifest.spade_per_class and factory is not None:
+            spec = model.component("spade")
+            spade_classes = [factory(f, ComponentSpec(f"spade (class {k})", f, spec.inputs[:1], spec.outputs))
+                             for k, f in enumerate(model.manifest.spade_per_class)]
+        return cls(model, runners, decode_batch=decode_batch, tiles=tiles, spade_classes=spade_classes)
 
     @property
     def manifest(self):
@@ -68,6 +77,8 @@ class Pipeline:
             r.deactivate()
         if self.tiles is not None:
             self.tiles.deactivate()
+        for r in self.spade_classes or ():
+            r.deactivate()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -106,11 +117,23 @@ class Pipeline:
     def condition(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """c_concat = scale * cat[z, spade(z, y)] (B, 2C, h, w, d); spade(z, y) clamped to the
         manifest's latent_bounds when it has them."""
-        z_tgt = self._run("spade", z=z, y=y)
+        z_tgt = self.spade(z, y)
         if self.manifest.latent_bounds is not None:
             lo, hi = (np.asarray(b, np.float32).reshape(1, -1, 1, 1, 1) for b in self.manifest.latent_bounds)
             z_tgt = np.clip(z_tgt, lo, hi)
         return (np.concatenate([z, z_tgt], axis=1) * np.float32(self.manifest.scale_factor)).astype(np.float32)
+
+    def spade(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """MS-SPADE of each row for its class: the per-class graphs where the pipeline has them
+        (rows grouped by class), else the all-class graph."""
+        if self.spade_classes is None:
+            return self._run("spade", z=z, y=y)
+        out = np.empty_like(z)
+        name = self.model.component("spade").outputs[0].name
+        for k in np.unique(y):
+            rows = np.flatnonzero(y == k)
+            out[rows] = self.spade_classes[int(k)].infer({"z": np.ascontiguousarray(z[rows])})[name]
+        return out
 
     def denoiser(self, c_concat: np.ndarray, y: np.ndarray) -> S.Denoiser:
         return lambda x, t: self._run("unet", x_t=x, t=t, c_concat=c_concat, y=y)

@@ -15,7 +15,6 @@ from aldm.runtime.manifest import ComponentSpec, ModelDir, TensorSpec
 from aldm.runtime.runners import Runner
 
 DEFAULT_TILE_ROWS = 16  # rows of the full-resolution grid per slab (docs/performance.md)
-TILED_BACKENDS = ("ort-cpu", "ov-cpu")  # FP32 CPU engines: one small graph per slab is cheap there
 RunnerFactory = Callable[[str, ComponentSpec], Runner]  # (file name in the folder, spec) -> runner
 
 
@@ -76,15 +75,12 @@ def slab_rows(height: int, rows: int) -> int:
 def tiled_decoder(model: ModelDir, backend: str, threads: int | None, rows: int) -> "TiledDecoder | None":
     """The slab-wise decoder for a resolved backend name (e.g. "ort-cpu"), or None where it does
     not apply: a folder without the decoder cut, a GPU backend or a reduced precision."""
-    if not model.manifest.decoder_tiling or backend not in TILED_BACKENDS:
+    from aldm.runtime.backends import extra_graph_runners
+
+    factory = extra_graph_runners(model, backend, threads)
+    if not model.manifest.decoder_tiling or factory is None:
         return None
-    if backend == "ov-cpu":
-        from aldm.runtime.openvino import OvRunner
-
-        return TiledDecoder(model, lambda f, spec: OvRunner(model.file(f), spec, threads=threads), rows)
-    from aldm.runtime.runners import OrtRunner
-
-    return TiledDecoder(model, lambda f, spec: OrtRunner(model.file(f), spec, threads=threads, arena=False), rows)
+    return TiledDecoder(model, factory, rows)
 
 
 class TiledDecoder:

@@ -175,7 +175,8 @@ class Service:
         m = pipe.manifest
         x = np.full((1, 1, *m.preprocessing.crop_size), -1.0, np.float32)
         z = pipe.encode(x)
-        c = pipe.condition(z, np.array([1], np.int64))
+        classes = np.arange(len(m.modalities), dtype=np.int64)  # every class's MS-SPADE graph
+        c = pipe.condition(np.repeat(z, len(classes), axis=0), classes)[1:2]
         t = np.array([int(ddim_timesteps(m.sampler.steps, m.schedule.timesteps)[-1])], np.int64)
         pipe.denoiser(c, np.array([1], np.int64))(c[:, : z.shape[1]], t)
         pipe.decode(c[:, z.shape[1]:])
