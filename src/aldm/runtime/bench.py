@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from aldm.runtime import sampler as S
-from aldm.runtime.backends import make_runners
+from aldm.runtime.tiled import DEFAULT_TILE_ROWS
 from aldm.runtime.bench_child import component_feeds, peak_rss_mb, run_child, time_calls
 from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
 
@@ -32,18 +32,27 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
                 components: Sequence[str] = COMPONENTS, warmup: int = 1, repeats: int = 3,
                 e2e_targets: Sequence[int] = (1, 3), steps: int | None = None,
                 torch_reference: bool = True, torch_device: str = "cpu", torch_fp16: bool = False,
-                precision: str | None = None, fresh_process: bool = True,
+                precision: str | None = None, fresh_process: bool = True, tile_rows: int | None = None,
                 progress: Callable[[str], None] | None = None) -> dict:
     """Time `components` and whole translations on `backend`; see the module docstring.
 
+    tile_rows: the slab decoder's rows (0: whole volumes; None: aldm-infer's default).
     fresh_process: also translate once into max(e2e_targets) targets in a fresh process and
     record its peak RSS (end_to_end["<n>_targets"]["fresh_process"] and ["peak_rss_mb"]).
     """
     say = progress or (lambda s: None)
     m = model_dir.manifest
+    from aldm.runtime.pipeline import Pipeline
+
     feeds = {c: component_feeds(model_dir, c) for c in components}
-    runners = make_runners(model_dir, backend, threads=threads, precision=precision)
-    out: dict = {"meta": bench_meta(backend), "backend": backend, "precision": precision or "default",
+    # the pipeline aldm-infer builds (per-class MS-SPADE and slab decoding where they apply)
+    tile_rows = DEFAULT_TILE_ROWS if tile_rows is None else tile_rows
+    pipe = Pipeline.load(model_dir.path, backend=backend, threads=threads, precision=precision, verify=False,
+                         tile_rows=tile_rows)
+    runners = pipe.runners
+    resolved = pipe.backend
+    out: dict = {"meta": bench_meta(backend), "backend": backend, "backend_resolved": resolved, "tile_rows": tile_rows,
+                 "precision": precision or "default",
                  "threads": threads, "crop_size": list(m.preprocessing.crop_size),
                  "latent_shape": list(m.latent_shape), "components": {}, "end_to_end": {}}
     for c in components:
@@ -52,10 +61,10 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
     n_steps = steps or m.sampler.steps
     calls = S.strength_steps(n_steps, m.sampler.strength) if m.sampler.name == "ddim" else n_steps
     if e2e_targets:
-        from aldm.runtime.pipeline import Pipeline
-
-        pipe = Pipeline(model_dir, runners)
         x = sample_feeds(model_dir.component("encoder"), 1, 99)["x"]
+        if warmup:  # the per-class and slab graphs compile on first use (OpenVINO), as components did
+            say(f"{backend}: end to end, warm-up")
+            pipe.translate(x, [mod for mod in m.modalities if mod != "t1"][: max(e2e_targets)], steps=n_steps, seed=0)
         for n in e2e_targets:
             targets = [mod for mod in m.modalities if mod != "t1"][:n]
             say(f"{backend}: end to end, {n} target(s), {calls} UNet calls")
@@ -64,15 +73,14 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
             out["end_to_end"][f"{n}_targets"] = {"seconds_per_volume": time.perf_counter() - t0,
                                                  "targets": len(targets), "steps": n_steps, "unet_calls": calls,
                                                  "strength": m.sampler.strength, "stages_s": tr.timings}
-    for r in runners.values():
-        r.deactivate()
+    pipe.close()
     out["peak_rss_mb"] = peak_rss_mb()  # before anything else runs here: the engine path's own peak
 
     if e2e_targets and fresh_process:
         n = max(e2e_targets)
         say(f"{backend}: end to end, {n} target(s), in a fresh process (peak RSS)")
         fresh = run_child("e2e", {"model_dir": str(model_dir.path), "backend": backend, "threads": threads,
-                                  "precision": precision, "targets": n, "steps": n_steps})
+                                  "precision": precision, "targets": n, "steps": n_steps, "tile_rows": tile_rows})
         out["end_to_end"][f"{n}_targets"]["fresh_process"] = fresh
         out["end_to_end"][f"{n}_targets"]["peak_rss_mb"] = fresh.get("peak_rss_mb") if "error" not in fresh else None
     if torch_reference:
@@ -208,7 +216,10 @@ def format_report(r: dict) -> str:
         lines.append(f"aldm {meta.get('aldm')}{f' ({commit})' if commit else ''}  {vers}  "
                      f"{meta.get('cpu')} ({meta.get('cpu_count')} cores)"
                      + (f"  {meta['gpu']}" if meta.get("gpu") else "") + f"  {meta.get('date')}")
-    lines.append(f"backend {r['backend']}  precision {r.get('precision', 'default')}  "
+    resolved = r.get("backend_resolved")
+    shown = r["backend"] + (f" ({resolved})" if resolved and resolved != r["backend"] else "")
+    tiles = r.get("tile_rows")
+    lines.append(f"backend {shown}  decoder {'slabs of ' + str(tiles) + ' rows' if tiles else 'whole volumes'}  precision {r.get('precision', 'default')}  "
                  f"threads {r['threads'] or 'default'}  crop {r['crop_size']}  latent {r['latent_shape']}")
     te_block = r.get("torch_eager") or {}
     te = te_block.get("components", {})

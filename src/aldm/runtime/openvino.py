@@ -142,8 +142,12 @@ class OvRunner:
                 model.reshape({t.name: list(shape) for t, shape in zip(self.spec.inputs, key)})
             keep_staged(model)
             compiled = self.core.compile_model(model, "CPU", self.config())
-            self.compiled[key] = (compiled, compiled.create_infer_request())
-        return self.compiled[key]
+            self.compiled[key] = (compiled, None)
+        compiled, request = self.compiled[key]
+        if request is None:  # first call, or after release()
+            request = compiled.create_infer_request()
+            self.compiled[key] = (compiled, request)
+        return compiled, request
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
@@ -164,6 +168,14 @@ class OvRunner:
             if "memory" in msg.lower() or "alloc" in msg.lower():
                 raise BackendError(f"{self.name} out of memory in {self.spec.name}: {msg}") from None
             raise BackendError(f"{self.name} failed in {self.spec.name}: {msg}") from None
+
+    def release(self) -> None:
+        """Free the working memory of the infer requests (each holds every intermediate tensor of
+        its graph for as long as it lives), keeping the compiled graphs: the next call makes a new
+        request, which costs little next to a compile. The slab decoder calls this after each
+        step, so only one step's buffers are alive at a time."""
+        with self._lock:
+            self.compiled = {k: (c, None) for k, (c, _) in self.compiled.items()}
 
     def deactivate(self) -> None:
         with self._lock:

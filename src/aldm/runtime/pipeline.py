@@ -203,9 +203,14 @@ class Pipeline:
             return out
 
         z = stage("encode", self.encode, x)  # (N, C, h, w, d)
+        if self.tiles is not None:  # memory first: no engine keeps its working memory past its stage
+            self.runners["encoder"].deactivate()
         n = z.shape[0]
         y = np.repeat(classes, n)  # (T*N,) target-major
         c = stage("spade", self.condition, np.concatenate([z] * len(classes)), y)
+        if self.tiles is not None:
+            for r in [self.runners["spade"]] + list(self.spade_classes or ()):
+                r.deactivate()
         z0 = stage("sample", lambda: self.sample(c, y, noise, steps=steps, eta=eta, strength=strength,
                                                  sampler=sampler,
                                                  official_rng=official_rng, callback=callback))
