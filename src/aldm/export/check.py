@@ -13,7 +13,7 @@ from aldm.errors import BackendError, ModelError
 from aldm.models import ALDM, LDMConfig, load_official
 from aldm.runtime.backends import single_backend
 from aldm.runtime.compare import TOLERANCES, Report, Result, Tolerance, code_gaps, compare
-from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
+from aldm.runtime.manifest import COMPONENTS, ComponentSpec, ModelDir, sample_feeds
 
 
 class TorchRunner:
@@ -175,7 +175,42 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
                                                              tolerances[precision][c]))
             for r in runners.values():
                 r.deactivate()
+            if precision == "fp32":
+                report.results.extend(_extra_graphs(model_dir, backend, feeds, expected,
+                                                    tolerances[precision]))
     return report
+
+
+def _extra_graphs(model_dir: ModelDir, backend: str, feeds, expected, tol) -> list[Result]:
+    """The graphs CPU backends run instead of two components: the per-class MS-SPADE graphs and
+    the decoder's slab graphs, held to the component's tolerance against the same reference."""
+    from aldm.runtime.backends import extra_graph_runners
+    from aldm.runtime.tiled import TiledDecoder
+
+    factory = extra_graph_runners(model_dir, backend)
+    if factory is None:
+        return []
+    m, out = model_dir.manifest, []
+    if m.spade_per_class:
+        spec = model_dir.component("spade")
+        z, y = feeds["spade"]["z"], feeds["spade"]["y"]
+        got = np.empty_like(z)
+        for k in np.unique(y):
+            rows = np.flatnonzero(y == k)
+            one = ComponentSpec("spade", m.spade_per_class[int(k)], spec.inputs[:1], spec.outputs)
+            r = factory(one.file, one)
+            got[rows] = r.infer({"z": np.ascontiguousarray(z[rows])})[spec.outputs[0].name]
+            r.deactivate()
+        name = spec.outputs[0].name
+        out.append(compare("spade", f"{backend}/fp32 per class", got, expected["spade"][name], tol["spade"]))
+    if m.decoder_tiling:
+        name = model_dir.component("decoder").outputs[0].name
+        tiled = TiledDecoder(model_dir, factory, rows=16)
+        got = tiled(feeds["decoder"]["z"])
+        tiled.deactivate()
+        out.append(compare("decoder", f"{backend}/fp32 slabs of {tiled.rows}", got, expected["decoder"][name],
+                           tol["decoder"]))
+    return out
 
 
 def polygraphy_compare(model_dir: ModelDir, component: str, precision: str,
