@@ -17,9 +17,10 @@
 # If the call is cut short after stage 2, spade-K.ckpt came back alone (no LDM to merge yet).
 # Continuing an earlier call (--init DIR --stage2-share 0: its SPADE and UNet EMA as starting
 # weights) works (tests/test_gpu_train.py) but does not fit a device call today: the returned
-# files are ~57 MiB at the default width and the tree that travels is ~61 MiB of the 64 MiB
-# (git ls-files -z | xargs -0 du -cb); it needs the tree slimmed first (models/default/last.ckpt
-# 19 MB, the fp16 ONNX copies 13 MB) or a narrower --size. Until then: one call from scratch.
+# files are ~57 MiB at the default width and the tree that travels is ~57 MiB of the 64 MiB
+# (git ls-files -z | xargs -0 du -cb; tests/test_default_model.py keeps it under 60 MiB); it needs
+# the tree slimmed further (models/default/last.ckpt 19 MB) or a narrower --size. Until then: one
+# call from scratch.
 #
 # Before the call: the tree that travels (tracked + untracked files git does not ignore) must stay
 # under 64 MiB; a local gpu_train_out/ (the default OUT off the device) would travel too.

@@ -310,7 +310,9 @@ class ModelDir:
             return self.file(self.component(name).file)
         files = self.manifest.variants.get(precision)
         if not files or name not in files:
-            raise ModelError(f"{self.path} has no {precision} {name}; available: {', '.join(self.precisions)}")
+            hint = {"fp16": " (`aldm build --fp16` writes the FP16 copy)",
+                    "int8": " (`aldm calibrate` writes the INT8 copy)"}.get(precision, "")
+            raise ModelError(f"{self.path} has no {precision} {name}; available: {', '.join(self.precisions)}{hint}")
         return self.file(files[name])
 
     def add_variant(self, precision: str, files: dict[str, str]) -> None:
