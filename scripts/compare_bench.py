@@ -30,7 +30,10 @@ def describe(r: dict) -> str:
     commit = (meta.get("git_commit") or "")[:10] or "no commit"
     vers = ", ".join(f"{k} {v}" for k, v in (meta.get("backend_versions") or {}).items()
                      if k in ("onnxruntime", "openvino", "tensorrt"))
-    parts = [f"backend {r.get('backend', '?')}", f"precision {r.get('precision', '?')}",
+    resolved = r.get("backend_resolved")
+    backend = r.get("backend", "?") + (f" ({resolved})" if resolved and resolved != r.get("backend") else "")
+    tiles = r.get("tile_rows")
+    parts = [f"backend {backend}" + (f", decoder in slabs of {tiles} rows" if tiles else ""), f"precision {r.get('precision', '?')}",
              f"threads {r.get('threads') or 'default'}", f"crop {r.get('crop_size')}", f"aldm {meta.get('aldm', '?')} ({commit})"]
     if vers:
         parts.append(vers)
