@@ -20,6 +20,22 @@ def fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def exit_now(code: int) -> None:
+    """Leave at once, without unwinding: after an interrupt the traceback holds the engines, and
+    tearing OpenVINO's down from there can crash the process (SIGSEGV in ov::Node::~Node, seen
+    under repeated Ctrl-C) instead of exiting with `code`. Outputs are only ever renamed into
+    place whole, so nothing half-written is left under a final name."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Library errors become `error: <message>` on stderr and the error's exit code; no traceback."""
 
@@ -31,7 +47,7 @@ def handle_errors(fn: Callable) -> Callable:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            exit_now(130)
         except MemoryError:
             fail("out of memory (try fewer targets, a smaller --decode-batch or another backend)")
         except OSError as exc:

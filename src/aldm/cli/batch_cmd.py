@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from aldm.cli._common import fail, say
+from aldm.cli._common import exit_now, fail, say
 from aldm.errors import AldmError
 
 
@@ -49,7 +49,7 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
     except KeyboardInterrupt:
         summary, j, c = journal.finish()
         say(f"aborted: {summary['done']} done before the second interrupt; report: {j}")
-        return 130
+        exit_now(130)
     try:
         summary, j, c = journal.finish()
     except AldmError as exc:

@@ -179,5 +179,19 @@ class OvRunner:
 
     def deactivate(self) -> None:
         with self._lock:
-            self.compiled.clear()
-            self.model = self.core = None
+            self._free()
+
+    def _free(self) -> None:
+        # Compiled graphs and requests first, the Core last: freed the other way round (an
+        # attribute dict is freed in insertion order, Core first), the CPU plugin could be gone
+        # before a CompiledModel's destructor runs in it, which crashed the process (SIGSEGV in
+        # ov::CompiledModel::~CompiledModel) when an interrupted batch exited.
+        self.compiled.clear()
+        self.model = None
+        self.core = None
+
+    def __del__(self) -> None:
+        try:
+            self._free()
+        except Exception:  # interpreter shutdown: nothing left to free in order
+            pass
