@@ -56,21 +56,18 @@ def fresh_rss(v: dict) -> float | None:
 def compare(a: dict, b: dict) -> str:
     lines = [f"A (old): {describe(a)}", f"B (new): {describe(b)}", ""]
     lines.append(f"{'':<24} {'A s':>9} {'B s':>9} {'speed-up':>8} {'A GFLOP/s':>10} {'B GFLOP/s':>10}")
-    ca, cb = a.get("components", {}), b.get("components", {})
-    for c in list(ca) + [c for c in cb if c not in ca]:
-        va, vb = ca.get(c, {}), cb.get(c, {})
-        ta, tb = va.get("median_s"), vb.get("median_s")
-        lines.append(f"{c:<24} {num(ta, '.3f', 9)} {num(tb, '.3f', 9)} {speedup(ta, tb)} "
-                     f"{num(va.get('gflop_per_s'), '.4g', 10)} {num(vb.get('gflop_per_s'), '.4g', 10)}")
-    ea, eb = a.get("end_to_end", {}), b.get("end_to_end", {})
-    for k in list(ea) + [k for k in eb if k not in ea]:
-        va, vb = ea.get(k, {}), eb.get(k, {})
-        ta, tb = va.get("seconds_per_volume"), vb.get("seconds_per_volume")
-        lines.append(f"{e2e_label(k):<24} {num(ta, '.2f', 9)} {num(tb, '.2f', 9)} {speedup(ta, tb)} "
-                     f"{num(va.get('gflop_per_s'), '.4g', 10)} {num(vb.get('gflop_per_s'), '.4g', 10)}")
-        if va.get("steps") != vb.get("steps") or va.get("unet_calls") != vb.get("unet_calls"):
-            lines.append(f"{'':<24} (steps / UNet calls differ: A {va.get('steps')}/{va.get('unet_calls')}, "
-                         f"B {vb.get('steps')}/{vb.get('unet_calls')})")
+    for section, seconds, fmt, label in (("components", "median_s", ".3f", str),
+                                         ("end_to_end", "seconds_per_volume", ".2f", e2e_label)):
+        sa, sb = a.get(section, {}), b.get(section, {})
+        for k in list(sa) + [k for k in sb if k not in sa]:
+            va, vb = sa.get(k, {}), sb.get(k, {})
+            ta, tb = va.get(seconds), vb.get(seconds)
+            lines.append(f"{label(k):<24} {num(ta, fmt, 9)} {num(tb, fmt, 9)} {speedup(ta, tb)} "
+                         f"{num(va.get('gflop_per_s'), '.4g', 10)} {num(vb.get('gflop_per_s'), '.4g', 10)}")
+            if section == "end_to_end" and (va.get("steps") != vb.get("steps")
+                                            or va.get("unet_calls") != vb.get("unet_calls")):
+                lines.append(f"{'':<24} (steps / UNet calls differ: A {va.get('steps')}/{va.get('unet_calls')}, "
+                             f"B {vb.get('steps')}/{vb.get('unet_calls')})")
     ta, tb = a.get("torch_eager") or {}, b.get("torch_eager") or {}
     if ta.get("components") or tb.get("components"):
         lines.append("")
@@ -85,6 +82,7 @@ def compare(a: dict, b: dict) -> str:
     lines.append(f"{'peak RSS, MB':<40} {'A':>9} {'B':>9}")
     lines.append(f"{'engine path (bench process)':<40} {num(a.get('peak_rss_mb'), '.0f', 9)} "
                  f"{num(b.get('peak_rss_mb'), '.0f', 9)}")
+    ea, eb = a.get("end_to_end", {}), b.get("end_to_end", {})
     for k in list(ea) + [k for k in eb if k not in ea]:
         ra_, rb_ = fresh_rss(ea.get(k, {})), fresh_rss(eb.get(k, {}))
         if ra_ is not None or rb_ is not None:

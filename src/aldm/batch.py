@@ -23,7 +23,6 @@ import json
 import os
 import queue
 import signal
-import sys
 import tarfile
 import tempfile
 import threading
@@ -35,7 +34,7 @@ from typing import Callable, Iterator
 
 from aldm import MODALITY_ALIASES
 from aldm.atomic import atomic_path, clean_partials  # noqa: F401 - clean_partials: the batch's cleanup
-from aldm.errors import AldmError, InputError, UsageError, describe
+from aldm.errors import AldmError, InputError, UsageError, describe, exit_now
 from aldm.nifti import NIFTI_SUFFIXES, stem
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -434,10 +433,7 @@ def sigint_stops(stop: threading.Event, say: Callable[[str], None]):
 
 
 def _exit_at_once(signum, frame):
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(130)
+    exit_now(130)
 
 
 # ------------------------------------------------------------------------------ report

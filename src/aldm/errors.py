@@ -74,3 +74,19 @@ def require(module: str, extra: str):
         raise AldmError(
             f"{module} is not installed; install it with `pip install 'aldm[{extra}]'` ({exc})"
         ) from None
+
+
+def exit_now(code: int) -> None:
+    """Leave at once with `code`, flushing stdout/stderr but not unwinding: used after an interrupt,
+    where the half-unwound stack still holds the engines and their teardown is not needed.
+    Outputs are only ever renamed into place whole, so nothing half-written is left under a
+    final name."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)

@@ -8,7 +8,7 @@ from typing import Callable
 
 import typer
 
-from aldm.errors import AldmError
+from aldm.errors import AldmError, exit_now
 
 
 def say(msg: str) -> None:
@@ -18,22 +18,6 @@ def say(msg: str) -> None:
 def fail(msg: str, code: int = 1) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
-
-
-def exit_now(code: int) -> None:
-    """Leave at once, without unwinding: after an interrupt the traceback holds the engines, and
-    tearing OpenVINO's down from there can crash the process (SIGSEGV in ov::Node::~Node, seen
-    under repeated Ctrl-C) instead of exiting with `code`. Outputs are only ever renamed into
-    place whole, so nothing half-written is left under a final name."""
-    import os
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed pipe: nothing more to say
-            pass
-    os._exit(code)
 
 
 def handle_errors(fn: Callable) -> Callable:

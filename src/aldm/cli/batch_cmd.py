@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from aldm.cli._common import exit_now, fail, say
-from aldm.errors import AldmError
+from aldm.cli._common import fail, say
+from aldm.errors import AldmError, exit_now
 
 
 def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | None,

@@ -13,7 +13,7 @@ from aldm.errors import BackendError, ModelError
 from aldm.models import ALDM, LDMConfig, load_official
 from aldm.runtime.backends import single_backend
 from aldm.runtime.compare import TOLERANCES, Report, Result, Tolerance, code_gaps, compare
-from aldm.runtime.manifest import COMPONENTS, ComponentSpec, ModelDir, sample_feeds
+from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
 
 
 class TorchRunner:
@@ -185,6 +185,7 @@ def _extra_graphs(model_dir: ModelDir, backend: str, feeds, expected, tol) -> li
     """The graphs CPU backends run instead of two components: the per-class MS-SPADE graphs and
     the decoder's slab graphs, held to the component's tolerance against the same reference."""
     from aldm.runtime.backends import extra_graph_runners
+    from aldm.runtime.pipeline import spade_by_class, spade_class_spec
     from aldm.runtime.tiled import TiledDecoder
 
     factory = extra_graph_runners(model_dir, backend)
@@ -192,16 +193,11 @@ def _extra_graphs(model_dir: ModelDir, backend: str, feeds, expected, tol) -> li
         return []
     m, out = model_dir.manifest, []
     if m.spade_per_class:
-        spec = model_dir.component("spade")
-        z, y = feeds["spade"]["z"], feeds["spade"]["y"]
-        got = np.empty_like(z)
-        for k in np.unique(y):
-            rows = np.flatnonzero(y == k)
-            one = ComponentSpec("spade", m.spade_per_class[int(k)], spec.inputs[:1], spec.outputs)
-            r = factory(one.file, one)
-            got[rows] = r.infer({"z": np.ascontiguousarray(z[rows])})[spec.outputs[0].name]
+        runners = [factory(f, spade_class_spec(model_dir, k)) for k, f in enumerate(m.spade_per_class)]
+        got = spade_by_class(model_dir, runners, feeds["spade"]["z"], feeds["spade"]["y"])
+        for r in runners:
             r.deactivate()
-        name = spec.outputs[0].name
+        name = model_dir.component("spade").outputs[0].name
         out.append(compare("spade", f"{backend}/fp32 per class", got, expected["spade"][name], tol["spade"]))
     if m.decoder_tiling:
         name = model_dir.component("decoder").outputs[0].name

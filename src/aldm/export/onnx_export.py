@@ -151,6 +151,13 @@ def export_graph(graph: nn.Module, spec: ComponentSpec, path: Path, args: tuple,
         onnx.save(proto, str(tmp))
 
 
+def _require_trt_compatible(path: Path) -> None:
+    offenses = check_file(path)
+    if offenses:
+        lines = "; ".join(map(str, offenses[:10]))
+        raise AldmError(f"{path.name} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
+
+
 def _export_spade_classes(model: ALDM, spec: ComponentSpec, out_dir: Path, opset: int) -> list[str]:
     files = []
     z = torch.from_numpy(sample_feeds(spec, batch=2)["z"])
@@ -158,9 +165,7 @@ def _export_spade_classes(model: ALDM, spec: ComponentSpec, out_dir: Path, opset
     for k in range(model.config.first_stage_config.num_classes):
         one = ComponentSpec("spade", f"spade_class{k}.onnx", spec.inputs[:1], spec.outputs)
         export_graph(SpadeClassGraph(model, k).eval(), one, out_dir / one.file, (z,), {"z": {0: batch}}, opset)
-        offenses = check_file(out_dir / one.file)
-        if offenses:
-            raise AldmError(f"{one.file} is not TensorRT-compatible: {offenses[0]}")
+        _require_trt_compatible(out_dir / one.file)
         files.append(one.file)
     return files
 
@@ -223,10 +228,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                 if progress:
                     progress(f"exporting {name}")
                 _export_one(model, spec, tmp / spec.file, opset)
-                offenses = check_file(tmp / spec.file)
-                if offenses:
-                    lines = "; ".join(map(str, offenses[:10]))
-                    raise AldmError(f"{spec.file} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
+                _require_trt_compatible(tmp / spec.file)
             spade_files = None
             if per_class_spade:
                 if progress:
@@ -239,9 +241,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                 tiling = export_tiles(model, tmp, crop, latent_shape(model, crop),
                                       lambda g, spec, path, a, dyn: export_graph(g, spec, path, a, dyn, opset))
                 for step_file in [tiling["head"]] + [st["file"] for st in tiling["steps"]]:
-                    offenses = check_file(tmp / step_file)
-                    if offenses:
-                        raise AldmError(f"{step_file} is not TensorRT-compatible: {offenses[0]}")
+                    _require_trt_compatible(tmp / step_file)
         with atomic_path(tmp / SCHEDULE_FILE) as part:
             np.savez(part, **model.schedule())
         files = {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())}

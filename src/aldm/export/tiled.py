@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from aldm.models.aldm import ALDM
-from aldm.runtime.manifest import ComponentSpec, TensorSpec
+from aldm.runtime.manifest import ComponentSpec
+from aldm.runtime.tiled import ROWS, ROWS_IN, head_spec, step_spec
 
-B, ROWS, ROWS_IN = "batch", "rows", "rows_in"
 AXIS = 2
 
 
@@ -196,47 +196,20 @@ def tail_program(model: ALDM, crop: tuple[int, int, int]) -> tuple[list[dict], l
     return steps, modules
 
 
-def step_spec(name: str, step: dict, full: tuple[int, int, int]) -> ComponentSpec:
-    """I/O of one slab graph; full = the full-resolution (H, W, D)."""
-    _, w, d = full
-    f32, B = "float32", 1  # one volume at a time: the statistics are per volume
-    cin, co = step["in_channels"], step["channels"]
-    if step["kind"] == "up":
-        ins = (TensorSpec("x", (B, cin, ROWS_IN, w // 2, d // 2), f32),)
-    else:
-        ins = (TensorSpec("x", (B, cin, ROWS_IN, w, d), f32), TensorSpec("mean", (cin,), f32),
-               TensorSpec("rstd", (cin,), f32), TensorSpec("mask", (ROWS_IN,), f32))
-        if step["kind"] == "conv_res":
-            ins += (TensorSpec("r", (B, step.get("residual_channels", co), ROWS, w, d), f32),)
-    outs = (TensorSpec("y", (B, co, ROWS, w, d), f32),)
-    if step["kind"] != "out":
-        outs += (TensorSpec("y_mean", (B, co), f32), TensorSpec("y_var", (B, co), f32))
-    return ComponentSpec(name, f"{name}.onnx", ins, outs)
-
-
-def head_spec(model: ALDM, latent: tuple[int, ...]) -> ComponentSpec:
-    dd = model.config.first_stage_config.ddconfig
-    c, *lat = latent
-    factor = 2 ** (len(dd.ch_mult) - 2)
-    half = tuple(s * factor for s in lat)
-    return ComponentSpec("decoder_head", "decoder_head.onnx", (TensorSpec("z", (B, c, *lat), "float32"),),
-                         (TensorSpec("h", (B, dd.ch * dd.ch_mult[1], *half), "float32"),))
-
-
 def export_tiles(model: ALDM, out_dir: Path, crop: tuple[int, int, int], latent: tuple[int, ...],
                  export_fn) -> dict:
     """Write the head and slab graphs into `out_dir` with `export_fn(module, spec, path, feeds,
     dynamic)` (dynamic: input name -> {axis: torch.export.Dim or derived dim}); returns the
     manifest's `decoder_tiling` entry."""
-    head = head_spec(model, latent)
+    head = head_spec(model.config.to_dict(), latent, crop)
     z = torch.randn(2, *latent)
     export_fn(HeadGraph(model).eval(), head, out_dir / head.file, (z,), {"z": {0: torch.export.Dim("batch", min=1, max=1024)}})
     steps, modules = tail_program(model, crop)
     for i, (step, module) in enumerate(zip(steps, modules)):
         if step["kind"] == "conv_res":
             step["residual_channels"] = next(s["channels"] for s in steps[:i] if s["output"] == step["residual"])
-        spec = step_spec(f"decoder_tile{i:02d}_{step['kind']}", step, crop)
-        step["file"] = spec.file
+        step["file"] = f"decoder_tile{i:02d}_{step['kind']}.onnx"
+        spec = step_spec(step, i, crop)  # the I/O the runtime will feed: one definition
         export_fn(module.eval(), spec, out_dir / spec.file, *_example(spec, step))
     return {"axis": AXIS, "head": head.file, "head_output": "h", "steps": steps}
 

@@ -144,7 +144,7 @@ class OvRunner:
             compiled = self.core.compile_model(model, "CPU", self.config())
             self.compiled[key] = (compiled, None)
         compiled, request = self.compiled[key]
-        if request is None:  # first call, or after release()
+        if request is None:  # first call for these shapes
             request = compiled.create_infer_request()
             self.compiled[key] = (compiled, request)
         return compiled, request
@@ -168,14 +168,6 @@ class OvRunner:
             if "memory" in msg.lower() or "alloc" in msg.lower():
                 raise BackendError(f"{self.name} out of memory in {self.spec.name}: {msg}") from None
             raise BackendError(f"{self.name} failed in {self.spec.name}: {msg}") from None
-
-    def release(self) -> None:
-        """Free the working memory of the infer requests (each holds every intermediate tensor of
-        its graph for as long as it lives), keeping the compiled graphs: the next call makes a new
-        request, which costs little next to a compile. The slab decoder calls this after each
-        step, so only one step's buffers are alive at a time."""
-        with self._lock:
-            self.compiled = {k: (c, None) for k, (c, _) in self.compiled.items()}
 
     def deactivate(self) -> None:
         with self._lock:

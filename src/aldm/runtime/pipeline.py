@@ -32,6 +32,22 @@ class Translation:
     strength: float = 1.0
 
 
+def spade_class_spec(model: ModelDir, k: int) -> ComponentSpec:
+    """I/O of the per-class MS-SPADE graph of class k: the all-class graph's, without `y`."""
+    spec = model.component("spade")
+    return ComponentSpec(f"spade (class {k})", model.manifest.spade_per_class[k], spec.inputs[:1], spec.outputs)
+
+
+def spade_by_class(model: ModelDir, runners: Sequence[Runner], z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each row of z through the per-class graph of its class y[row] (rows grouped by class)."""
+    out = np.empty_like(z)
+    name = model.component("spade").outputs[0].name
+    for k in np.unique(y):
+        rows = np.flatnonzero(y == k)
+        out[rows] = runners[int(k)].infer({"z": np.ascontiguousarray(z[rows])})[name]
+    return out
+
+
 class Pipeline:
     def __init__(self, model: ModelDir, runners: Mapping[str, Runner], *, decode_batch: int = 1,
                  tiles: "TiledDecoder | None" = None, spade_classes: Sequence[Runner] | None = None):
@@ -59,8 +75,7 @@ class Pipeline:
         spade_classes = None
         factory = extra_graph_runners(model, runners["spade"].name, threads)
         if model.manifest.spade_per_class and factory is not None:
-            spec = model.component("spade")
-            spade_classes = [factory(f, ComponentSpec(f"spade (class {k})", f, spec.inputs[:1], spec.outputs))
+            spade_classes = [factory(f, spade_class_spec(model, k))
                              for k, f in enumerate(model.manifest.spade_per_class)]
         return cls(model, runners, decode_batch=decode_batch, tiles=tiles, spade_classes=spade_classes)
 
@@ -128,12 +143,7 @@ class Pipeline:
         (rows grouped by class), else the all-class graph."""
         if self.spade_classes is None:
             return self._run("spade", z=z, y=y)
-        out = np.empty_like(z)
-        name = self.model.component("spade").outputs[0].name
-        for k in np.unique(y):
-            rows = np.flatnonzero(y == k)
-            out[rows] = self.spade_classes[int(k)].infer({"z": np.ascontiguousarray(z[rows])})[name]
-        return out
+        return spade_by_class(self.model, self.spade_classes, z, y)
 
     def denoiser(self, c_concat: np.ndarray, y: np.ndarray) -> S.Denoiser:
         return lambda x, t: self._run("unet", x_t=x, t=t, c_concat=c_concat, y=y)

@@ -47,22 +47,36 @@ class Stats:
         return (np.repeat(mu, k).astype(np.float32), np.repeat(rstd, k).astype(np.float32))
 
 
+ROWS_IN, ROWS = "rows_in", "rows"  # a slab graph's dynamic axes: input rows (with context), output rows
+
+
 def step_spec(step: Mapping, index: int, full: tuple[int, int, int]) -> ComponentSpec:
-    """The runner-side I/O spec of a slab graph (rows dynamic)."""
+    """The I/O of one slab graph (batch 1: the statistics are per volume; rows dynamic); the
+    exporter writes the graph to it and the runtime feeds it. full = the full-resolution (H, W, D)."""
     _, w, d = full
     f32 = "float32"
     cin, co = step["in_channels"], step["channels"]
     if step["kind"] == "up":
-        ins = (TensorSpec("x", (1, cin, "rows_in", w // 2, d // 2), f32),)
+        ins = (TensorSpec("x", (1, cin, ROWS_IN, w // 2, d // 2), f32),)
     else:
-        ins = (TensorSpec("x", (1, cin, "rows_in", w, d), f32), TensorSpec("mean", (cin,), f32),
-               TensorSpec("rstd", (cin,), f32), TensorSpec("mask", ("rows_in",), f32))
+        ins = (TensorSpec("x", (1, cin, ROWS_IN, w, d), f32), TensorSpec("mean", (cin,), f32),
+               TensorSpec("rstd", (cin,), f32), TensorSpec("mask", (ROWS_IN,), f32))
         if step["kind"] == "conv_res":
-            ins += (TensorSpec("r", (1, step["residual_channels"], "rows", w, d), f32),)
-    outs = (TensorSpec("y", (1, co, "rows", w, d), f32),)
+            ins += (TensorSpec("r", (1, step["residual_channels"], ROWS, w, d), f32),)
+    outs = (TensorSpec("y", (1, co, ROWS, w, d), f32),)
     if step["kind"] != "out":
         outs += (TensorSpec("y_mean", (1, co), f32), TensorSpec("y_var", (1, co), f32))
     return ComponentSpec(f"decoder slab {index} ({step['kind']})", step["file"], ins, outs)
+
+
+def head_spec(config: Mapping, latent: tuple[int, ...], full: tuple[int, int, int],
+              file: str = "decoder_head.onnx") -> ComponentSpec:
+    """I/O of the decoder's head: latent z -> h, the half-resolution input of the last upsample.
+    config: the model's LDMConfig as a dict (the manifest's `config`)."""
+    dd = config["first_stage_config"]["ddconfig"]
+    half = tuple(s // 2 for s in full)
+    return ComponentSpec("decoder head", file, (TensorSpec("z", ("batch", *latent), "float32"),),
+                         (TensorSpec("h", ("batch", dd["ch"] * dd["ch_mult"][1], *half), "float32"),))
 
 
 def slab_rows(height: int, rows: int) -> int:
@@ -97,15 +111,9 @@ class TiledDecoder:
         self.model, self.tiling = model, t
         self.full = tuple(model.manifest.preprocessing.crop_size)
         self.rows = slab_rows(self.full[0], rows)
-        lat = model.manifest.latent_shape
-        head_out = model.manifest.config["first_stage_config"]["ddconfig"]
-        ch_half = head_out["ch"] * head_out["ch_mult"][1]
-        half = tuple(s // 2 for s in self.full)
-        head = ComponentSpec("decoder head", t["head"], (TensorSpec("z", ("batch", *lat), "float32"),),
-                             (TensorSpec("h", ("batch", ch_half, *half), "float32"),))
+        head = head_spec(model.manifest.config, model.manifest.latent_shape, self.full, t["head"])
         self.head = make_runner(t["head"], head)
         self.steps = [(st, make_runner(st["file"], step_spec(st, i, self.full))) for i, st in enumerate(t["steps"])]
-        self.name = self.head.name
 
     def runners(self) -> list[Runner]:
         return [self.head] + [r for _, r in self.steps]
