@@ -31,6 +31,29 @@ def test_ov_cpu_is_a_backend_with_fp32_by_default():
 
 
 @needs_ov
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_compile_runs_fp32_never_bf16(tiny_export, tmp_path, precision):
+    """The README's promise: ov-cpu computes in FP32 on every CPU, bf16 units or not, for every
+    precision variant (a variant's own file carries its FP16 weights)."""
+    import shutil
+
+    from aldm.export.precision import add_fp16_variant
+    from aldm.runtime.openvino import OvRunner
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_export, d)
+    if precision == "fp16":
+        add_fp16_variant(d, say=lambda s: None)
+    md = ModelDir(d)
+    spec = md.component("decoder")
+    r = OvRunner(md.component_file("decoder", precision), spec, precision=precision)
+    r.infer(sample_feeds(spec, 1, 0))
+    (compiled, _), = r.compiled.values()
+    assert "f32" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() or \
+        "float32" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+
+
+@needs_ov
 @pytest.mark.parametrize("batch", [1, 3])
 def test_every_component_matches_onnx_runtime_within_the_fp32_tolerances(tiny_export, batch):
     md = ModelDir(tiny_export)
