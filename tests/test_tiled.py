@@ -30,31 +30,34 @@ def _latents(model: ModelDir, n: int, seed: int = 0) -> np.ndarray:
     return (z * model.manifest.scale_factor).astype(np.float32)
 
 
-def _whole_and_tiled(folder, rows: int, n: int = 1):
-    with Pipeline.load(folder, backend="ort-cpu", tile_rows=0) as whole, \
-         Pipeline.load(folder, backend="ort-cpu", tile_rows=rows) as tiled:
+def _whole_and_tiled(folder, rows: int, n: int = 1, backend: str = "ort-cpu"):
+    with Pipeline.load(folder, backend=backend, tile_rows=0) as whole, \
+         Pipeline.load(folder, backend=backend, tile_rows=rows) as tiled:
         assert whole.tiles is None and tiled.tiles is not None
         z = _latents(whole.model, n)
         return whole.decode(z), tiled.decode(z)
 
 
+@pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
 @pytest.mark.parametrize("rows", [4, 8, 32])
-def test_tiled_decode_equals_the_whole_decode_on_the_tiny_model(tiny_export, rows):
-    ref, got = _whole_and_tiled(tiny_export, rows, n=2)  # two volumes: statistics are per volume
+def test_tiled_decode_equals_the_whole_decode_on_the_tiny_model(tiny_export, rows, backend):
+    ref, got = _whole_and_tiled(tiny_export, rows, n=2, backend=backend)  # two volumes: statistics are per volume
     assert got.shape == ref.shape
     assert rel_err(got, ref) <= 1e-5
 
 
-def test_tiled_decode_equals_the_whole_decode_on_the_golden_model(golden_export):
-    ref, got = _whole_and_tiled(golden_export, 8)
+@pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
+def test_tiled_decode_equals_the_whole_decode_on_the_golden_model(golden_export, backend):
+    ref, got = _whole_and_tiled(golden_export, 8, backend=backend)
     assert rel_err(got, ref) <= 1e-5
 
 
 @pytest.mark.skipif(not (BUNDLED / "manifest.json").is_file(), reason="no bundled model in this checkout")
-def test_tiled_decode_equals_the_whole_decode_on_the_bundled_model():
+@pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
+def test_tiled_decode_equals_the_whole_decode_on_the_bundled_model(backend):
     model = ModelDir(BUNDLED)
     assert model.manifest.decoder_tiling, "the bundled model must carry the decoder cut"
-    ref, got = _whole_and_tiled(BUNDLED, 16)
+    ref, got = _whole_and_tiled(BUNDLED, 16, backend=backend)
     assert ref.shape == (1, 1, 144, 192, 144)
     assert rel_err(got, ref) <= 1e-5
 
@@ -72,7 +75,10 @@ def test_the_upsample_as_eight_small_convolutions_is_the_same_function():
     with torch.no_grad():
         assert (upsample_conv(conv, x) - ref).abs().max() < 1e-12
         # a slab: rows 1..3 with one context row each side -> full-resolution rows 2..7
-        assert (upsample_conv(conv, x[:, :, 0:5], pad_rows=False) - ref[:, :, 2:8]).abs().max() < 1e-12
+        assert (upsample_conv(conv, x[:, :, 0:5], context_rows=True) - ref[:, :, 2:8]).abs().max() < 1e-12
+        # the first slab: a zero row stands for the padding above the volume
+        top = F.pad(x[:, :, 0:3], (0, 0, 0, 0, 1, 0))
+        assert (upsample_conv(conv, top, context_rows=True) - ref[:, :, 0:4]).abs().max() < 1e-12
 
 
 @settings(max_examples=40, deadline=None)
@@ -119,7 +125,7 @@ def test_a_format_1_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path
             m["files"].pop(f)
             (d / f).unlink()
     _edit(d, to_v1)
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     with Pipeline.load(d, backend="ort-cpu") as old, Pipeline.load(tiny_export, backend="ort-cpu", tile_rows=0) as new:
         assert old.tiles is None
         z = _latents(old.model, 1)
@@ -130,8 +136,25 @@ def test_a_format_1_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path
         TiledDecoder(ModelDir(d), lambda f, spec: None)
 
 
+def test_a_format_2_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path):
+    """Format 2's decoder cut took channels-first slabs; its graphs stay in the folder, unused."""
+    d = _copy(tiny_export, tmp_path)
+
+    def to_v2(m):
+        m["format_version"] = 2
+        m["decoder_tiling"].update(axis=2)
+        m["decoder_tiling"].pop("layout")
+    _edit(d, to_v2)
+    with Pipeline.load(d, backend="ort-cpu", tile_rows=16) as old, \
+         Pipeline.load(tiny_export, backend="ort-cpu", tile_rows=0) as new:
+        assert old.model.manifest.decoder_tiling is None and old.tiles is None
+        z = _latents(old.model, 1)
+        np.testing.assert_array_equal(old.decode(z), new.decode(z))
+
+
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(format_version=3), "upgrade aldm"),
+    (lambda m: m.update(format_version=4), "upgrade aldm"),
+    (lambda m: m["decoder_tiling"].update(axis=2), "decoder_tiling is malformed"),
     (lambda m: m.update(format_version=0), "re-export the model"),
     (lambda m: m["decoder_tiling"].update(steps=[]), "decoder_tiling is malformed"),
     (lambda m: m["decoder_tiling"]["steps"][0].update(kind="deconv"), "decoder_tiling is malformed"),

@@ -142,6 +142,10 @@ class FallbackRunner:
                 warnings.warn(f"{self.component}: {failed} ran out of GPU memory; "
                               f"falling back to {self.candidates[0][0]}", RuntimeWarning, stacklevel=2)
 
+    def trim(self) -> None:
+        if self.current is not None:
+            getattr(self.current, "trim", self.current.deactivate)()
+
     def deactivate(self) -> None:
         if self.current is not None:
             self.current.deactivate()

@@ -24,8 +24,11 @@ from aldm.atomic import write_text
 from aldm.errors import ModelError
 
 FORMAT = "aldm-model"
-FORMAT_VERSION = 2  # 2: decoder_tiling (the decoder cut for slab-wise decoding), spade_per_class
-READABLE_VERSIONS = (1, 2)  # 1: no decoder_tiling; decodes whole volumes
+# 2: decoder_tiling (the decoder cut for slab-wise decoding), spade_per_class
+# 3: the decoder cut's graphs take and give slabs as (rows, W, D, C) blocks (TILE_LAYOUT)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1 and 2 decode whole volumes (2's cut, channels first, is not used)
+TILE_LAYOUT = "HWDC"  # rows outermost, channels innermost
 MANIFEST = "manifest.json"
 SCHEDULE_FILE = "schedule.npz"
 COMPONENTS = ("encoder", "spade", "unet", "decoder")
@@ -142,7 +145,7 @@ class Manifest:
             config=d.get("config", {}), source=d.get("source", {}), tools=d.get("tools", {}),
             variants={k: dict(v) for k, v in d.get("variants", {}).items()},
             latent_bounds=_bounds(d.get("latent_bounds"), d["latent_shape"][0]),
-            decoder_tiling=_tiling(d.get("decoder_tiling")),
+            decoder_tiling=_tiling(d.get("decoder_tiling")) if version >= 3 else None,
             spade_per_class=_per_class(d.get("spade_per_class"), len(d["modalities"])),
             format_version=version,
         )
@@ -194,13 +197,15 @@ def _tiling(t: Any) -> dict[str, Any] | None:
     if t is None:
         return None
     try:
-        ok = (isinstance(t["head"], str) and t["axis"] == 2 and isinstance(t["steps"], list) and t["steps"]
+        ok = (isinstance(t["head"], str) and t["axis"] == 0 and t.get("layout") == TILE_LAYOUT
+              and isinstance(t["steps"], list) and t["steps"]
               and all(st["kind"] in TILE_KINDS and isinstance(st["file"], str) for st in t["steps"])
               and t["steps"][0]["kind"] == "up" and t["steps"][-1]["kind"] == "out")
     except (KeyError, TypeError):
         ok = False
     if not ok:
-        raise ModelError("manifest decoder_tiling is malformed (head, axis 2, steps from 'up' to 'out')")
+        raise ModelError(f"manifest decoder_tiling is malformed (head, axis 0, layout {TILE_LAYOUT}, "
+                         f"steps from 'up' to 'out')")
     return t
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from aldm.errors import BackendError, ModelError
 from aldm.runtime.manifest import ComponentSpec
-from aldm.runtime.runners import check_feeds
+from aldm.runtime.runners import check_feeds, check_out
 
 INSTALL_HINT = "pip install openvino, or choose --backend ort-cpu"
 MAX_COMPILED = 4  # static compiles kept per component (each holds its own repacked weights)
@@ -131,8 +131,10 @@ class OvRunner:
                              f"do not match the manifest's {sorted(want[0])} / {sorted(want[1])}")
         self.core, self.model = core, model
 
-    def _compiled(self, inputs: Mapping[str, np.ndarray]) -> tuple:
-        """The compiled model and infer request for these input shapes (compiled on first use)."""
+    def _compiled(self, inputs: Mapping[str, np.ndarray], bound: bool = False) -> tuple:
+        """The compiled model and an infer request for these input shapes (compiled on first use).
+        bound: the request whose outputs are set to caller-owned arrays (kept apart, so a plain
+        inference never writes into a caller's array)."""
         key = tuple(inputs[t.name].shape for t in self.spec.inputs)
         if key not in self.compiled and len([k for k in self.compiled if k is not None]) >= MAX_COMPILED:
             key = None  # the dynamic compile
@@ -142,25 +144,41 @@ class OvRunner:
                 model.reshape({t.name: list(shape) for t, shape in zip(self.spec.inputs, key)})
             keep_staged(model)
             compiled = self.core.compile_model(model, "CPU", self.config())
-            self.compiled[key] = (compiled, None)
-        compiled, request = self.compiled[key]
-        if request is None:  # first call for these shapes
-            request = compiled.create_infer_request()
-            self.compiled[key] = (compiled, request)
-        return compiled, request
+            self.compiled[key] = [compiled, None, None]
+        entry = self.compiled[key]
+        if entry[1 + bound] is None:  # first call for these shapes
+            entry[1 + bound] = entry[0].create_infer_request()
+        return entry[0], entry[1 + bound]
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: Mapping[str, np.ndarray],
+              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """out: arrays the named outputs are written into (BindingRunner); inputs are then read
+        in place too."""
         check_feeds(self.spec, feeds)
+        if out:
+            check_out(self.spec, out)
         self.activate()
         inputs = {t.name: np.ascontiguousarray(feeds[t.name]) for t in self.spec.inputs}
         try:
             with self._lock:
-                compiled, request = self._compiled(inputs)
+                compiled, request = self._compiled(inputs, bound=bool(out))
+                if out:
+                    ov = import_openvino()
+                    for name, arr in out.items():
+                        want = tuple(compiled.output(name).get_partial_shape().to_shape()) \
+                            if compiled.output(name).get_partial_shape().is_static else arr.shape
+                        if tuple(arr.shape) != want:
+                            raise BackendError(f"{self.name}: {self.spec.name} output {name!r} is {want}, "
+                                               f"the array given for it {tuple(arr.shape)}")
+                        request.set_tensor(compiled.output(name), ov.Tensor(arr, shared_memory=True))
                 # share_outputs: views of OpenVINO's buffers, copied out below (one copy, and the
                 # caller owns the arrays: the next inference cannot overwrite them)
-                result = request.infer(inputs, share_inputs=False, share_outputs=True)
-                return {t.name: np.array(result[compiled.output(t.name)], dtype=t.dtype, copy=True)
+                result = request.infer(inputs, share_inputs=bool(out), share_outputs=True)
+                return {t.name: out[t.name] if out and t.name in out
+                        else np.array(result[compiled.output(t.name)], dtype=t.dtype, copy=True)
                         for t in self.spec.outputs}
+        except BackendError:
+            raise
         except MemoryError:
             raise BackendError(f"{self.name} out of memory in {self.spec.name}") from None
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types
@@ -168,6 +186,15 @@ class OvRunner:
             if "memory" in msg.lower() or "alloc" in msg.lower():
                 raise BackendError(f"{self.name} out of memory in {self.spec.name}: {msg}") from None
             raise BackendError(f"{self.name} failed in {self.spec.name}: {msg}") from None
+
+    def trim(self) -> None:
+        """Free the compiled graphs' working memory (OpenVINO keeps it for as long as a graph is
+        loaded); the graphs stay compiled and allocate it again on their next inference. The
+        requests bound to caller-owned arrays go too: they would keep those arrays alive."""
+        with self._lock:
+            for entry in self.compiled.values():
+                entry[2] = None
+                entry[0].release_memory()
 
     def deactivate(self) -> None:
         with self._lock:

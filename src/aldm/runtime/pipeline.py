@@ -19,7 +19,7 @@ import numpy as np
 from aldm.errors import InputError, UsageError
 from aldm.runtime import sampler as S
 from aldm.runtime.manifest import ComponentSpec, ModelDir
-from aldm.runtime.runners import Runner
+from aldm.runtime.runners import Runner, trim
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder
 
 
@@ -214,13 +214,13 @@ class Pipeline:
 
         z = stage("encode", self.encode, x)  # (N, C, h, w, d)
         if self.tiles is not None:  # memory first: no engine keeps its working memory past its stage
-            self.runners["encoder"].deactivate()
+            trim(self.runners["encoder"])
         n = z.shape[0]
         y = np.repeat(classes, n)  # (T*N,) target-major
         c = stage("spade", self.condition, np.concatenate([z] * len(classes)), y)
         if self.tiles is not None:
             for r in [self.runners["spade"]] + list(self.spade_classes or ()):
-                r.deactivate()
+                trim(r)
         z0 = stage("sample", lambda: self.sample(c, y, noise, steps=steps, eta=eta, strength=strength,
                                                  sampler=sampler,
                                                  official_rng=official_rng, callback=callback))

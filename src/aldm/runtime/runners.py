@@ -26,6 +26,54 @@ class Runner(Protocol):
     def deactivate(self) -> None: ...
 
 
+class BindingRunner(Runner, Protocol):
+    """A CPU runner that also writes outputs into arrays the caller owns (the slab decoder's
+    buffers): infer(feeds, out={name: C-contiguous array of the output's shape and dtype}); the
+    result holds those arrays. `trim` frees the working memory of the last inference but keeps
+    the loaded graph (the next inference allocates it again, without reloading)."""
+
+    def infer(self, feeds: Mapping[str, np.ndarray],
+              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]: ...
+
+    def trim(self) -> None: ...
+
+
+def trim(runner: Runner) -> None:
+    """Free a runner's working memory: `trim` where it has one (its graph stays loaded), else
+    `deactivate`; then hand the freed heap back to the system (glibc keeps freed blocks of the
+    engines' threads in its arenas: measured on the slab decoder, 260 MB less at the next peak)."""
+    getattr(runner, "trim", runner.deactivate)()
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """malloc_trim(0) where the C library is glibc; a no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
+def check_out(spec: ComponentSpec, out: Mapping[str, np.ndarray]) -> None:
+    """Arrays to write outputs into: known names, float32, C-contiguous and writable."""
+    names = {t.name for t in spec.outputs}
+    for name, arr in out.items():
+        if name not in names:
+            raise InputError(f"{spec.name}: no output named {name!r} (outputs: {sorted(names)})")
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise InputError(f"{spec.name}: the array for output {name!r} must be a writable, "
+                             f"C-contiguous float32 array")
+
+
 def check_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -> None:
     """Every input present with the spec's dtype and shape, one batch size, nothing extra."""
     names = {t.name for t in spec.inputs}
@@ -81,11 +129,16 @@ class OrtRunner:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"cannot load {self.path} in onnxruntime: {str(exc).splitlines()[0]}") from None
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feeds: Mapping[str, np.ndarray],
+              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
+        if out:
+            check_out(self.spec, out)
         self.activate()
         names = [t.name for t in self.spec.outputs]
         try:
+            if out:
+                return self._infer_into(feeds, names, out)
             if self.io_binding:
                 return self._infer_bound(feeds, names)
             return dict(zip(names, self.session.run(names, dict(feeds))))
@@ -103,6 +156,26 @@ class OrtRunner:
             binding.bind_output(n, self.device)
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+    def _infer_into(self, feeds: Mapping[str, np.ndarray], names: list[str],
+                    out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs read in place, the `out` outputs written in place (CPU only)."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for k, v in feeds.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for n in names:
+            if n in out:
+                binding.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(out[n]))
+            else:
+                binding.bind_output(n, "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {n: out[n] if n in out else v.numpy() for n, v in zip(names, values)}
+
+    def trim(self) -> None:
+        """Nothing to do: without the arena (the slab graphs' setting) ORT frees as it goes."""
 
     def deactivate(self) -> None:
         self.session = None

@@ -11,8 +11,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from aldm.errors import ModelError
+from aldm.runtime.manifest import TILE_LAYOUT as LAYOUT  # slabs are (rows, W, D, C): aldm.export.tiled
 from aldm.runtime.manifest import ComponentSpec, ModelDir, TensorSpec
-from aldm.runtime.runners import Runner
+from aldm.runtime.runners import BindingRunner as Runner
+from aldm.runtime.runners import trim
 
 # 0: whole-volume decoding by default. On the bundled model it is the faster (ov-cpu 4.5 s vs 6.5 s
 # in slabs of 16 rows; ort-cpu 9.3 vs 9.6 s) and slabs save memory only on ONNX Runtime
@@ -51,19 +53,19 @@ ROWS_IN, ROWS = "rows_in", "rows"  # a slab graph's dynamic axes: input rows (wi
 
 
 def step_spec(step: Mapping, index: int, full: tuple[int, int, int]) -> ComponentSpec:
-    """The I/O of one slab graph (batch 1: the statistics are per volume; rows dynamic); the
+    """The I/O of one slab graph (one volume: the statistics are per volume; rows dynamic); the
     exporter writes the graph to it and the runtime feeds it. full = the full-resolution (H, W, D)."""
     _, w, d = full
     f32 = "float32"
     cin, co = step["in_channels"], step["channels"]
     if step["kind"] == "up":
-        ins = (TensorSpec("x", (1, cin, ROWS_IN, w // 2, d // 2), f32),)
+        ins = (TensorSpec("x", (ROWS_IN, w // 2, d // 2, cin), f32),)
     else:
-        ins = (TensorSpec("x", (1, cin, ROWS_IN, w, d), f32), TensorSpec("mean", (cin,), f32),
+        ins = (TensorSpec("x", (ROWS_IN, w, d, cin), f32), TensorSpec("mean", (cin,), f32),
                TensorSpec("rstd", (cin,), f32), TensorSpec("mask", (ROWS_IN,), f32))
         if step["kind"] == "conv_res":
-            ins += (TensorSpec("r", (1, step["residual_channels"], ROWS, w, d), f32),)
-    outs = (TensorSpec("y", (1, co, ROWS, w, d), f32),)
+            ins += (TensorSpec("r", (ROWS, w, d, step["residual_channels"]), f32),)
+    outs = (TensorSpec("y", (ROWS, w, d, co), f32),)
     if step["kind"] != "out":
         outs += (TensorSpec("y_mean", (1, co), f32), TensorSpec("y_var", (1, co), f32))
     return ComponentSpec(f"decoder slab {index} ({step['kind']})", step["file"], ins, outs)
@@ -71,12 +73,12 @@ def step_spec(step: Mapping, index: int, full: tuple[int, int, int]) -> Componen
 
 def head_spec(config: Mapping, latent: tuple[int, ...], full: tuple[int, int, int],
               file: str = "decoder_head.onnx") -> ComponentSpec:
-    """I/O of the decoder's head: latent z -> h, the half-resolution input of the last upsample.
-    config: the model's LDMConfig as a dict (the manifest's `config`)."""
+    """I/O of the decoder's head: one latent z -> h, the half-resolution input of the last
+    upsample, in the slab layout (H/2, W/2, D/2, C). config: the manifest's `config`."""
     dd = config["first_stage_config"]["ddconfig"]
-    half = tuple(s // 2 for s in full)
-    return ComponentSpec("decoder head", file, (TensorSpec("z", ("batch", *latent), "float32"),),
-                         (TensorSpec("h", ("batch", dd["ch"] * dd["ch_mult"][1], *half), "float32"),))
+    h, w, d = (s // 2 for s in full)
+    return ComponentSpec("decoder head", file, (TensorSpec("z", (1, *latent), "float32"),),
+                         (TensorSpec("h", (h, w, d, dd["ch"] * dd["ch_mult"][1]), "float32"),))
 
 
 def slab_rows(height: int, rows: int) -> int:
@@ -101,7 +103,13 @@ def tiled_decoder(model: ModelDir, backend: str, threads: int | None, rows: int)
 
 
 class TiledDecoder:
-    """z (B, C, h, w, d), unscaled -> volumes (B, 1, H, W, D), one volume at a time."""
+    """z (B, C, h, w, d), unscaled -> volumes (B, 1, H, W, D), one volume at a time.
+
+    Every activation is a host buffer in the slab layout with one zero row above and below,
+    (H + 2, W, D, C): a slab's input with its context rows, its residual and its output are then
+    contiguous views that the engine reads and writes in place. The zero rows stand for the
+    padding outside the volume (the graphs' `mask` zeroes them after the activation, as the whole
+    convolution's zero padding does; they are zero so that 0 * x stays 0)."""
 
     def __init__(self, model: ModelDir, make_runner: RunnerFactory, rows: int = 16):
         t = model.manifest.decoder_tiling
@@ -114,9 +122,18 @@ class TiledDecoder:
         head = head_spec(model.manifest.config, model.manifest.latent_shape, self.full, t["head"])
         self.head = make_runner(t["head"], head)
         self.steps = [(st, make_runner(st["file"], step_spec(st, i, self.full))) for i, st in enumerate(t["steps"])]
+        self.last_use = {}  # buffer -> index of the last step that reads it
+        for i, st in enumerate(t["steps"]):
+            for key in ("input", "residual"):
+                if key in st:
+                    self.last_use[st[key]] = i
 
     def runners(self) -> list[Runner]:
         return [self.head] + [r for _, r in self.steps]
+
+    def trim(self) -> None:
+        for r in self.runners():
+            trim(r)
 
     def deactivate(self) -> None:
         for r in self.runners():
@@ -126,54 +143,57 @@ class TiledDecoder:
         return np.concatenate([self.decode_one(z[i : i + 1]) for i in range(len(z))])
 
     def decode_one(self, z: np.ndarray) -> np.ndarray:
+        """z (1, C, h, w, d) -> (1, 1, H, W, D)."""
         H, W, D = self.full
         s = self.rows
-        bufs: dict[str, np.ndarray] = {"h": self.head.infer({"z": z})["h"]}
-        self.head.deactivate()
+        h_spec = self.head.spec.outputs[0]
+        bufs = {"h": _padded(h_spec.shape)}
+        self.head.infer({"z": z}, out={"h": bufs["h"][1:-1]})
+        trim(self.head)
         stats: dict[str, Stats] = {}
-        last_use = {}
-        for i, (st, _) in enumerate(self.steps):
-            for key in ("input", "residual"):
-                if key in st:
-                    last_use[st[key]] = i
         for i, (st, runner) in enumerate(self.steps):
             co = st["channels"]
             src = bufs[st["input"]]
-            out = bufs.get(st["output"])
-            if out is None or out.shape[1] != co:
-                out = np.empty((1, co, H, W, D), np.float32)
+            dst = bufs.get(st["output"])
+            if dst is None or dst.shape[-1] != co:
+                dst = _padded((H, W, D, co))
+            # a block that keeps its width writes its output over its residual input, slab by
+            # slab; an engine must not write where it reads, so those slabs come back and are copied
+            aliased = st.get("residual") == st["output"]
             new_stats = Stats() if st["kind"] != "out" else None
             if st["kind"] != "up":
                 mean, rstd = stats[st["input"]].channel_norm(st["groups"], st["eps"])
             for a in range(0, H, s):
-                b = a + s
+                b = a + s  # output rows a..b-1 are rows a+1..b of the padded buffers
                 if st["kind"] == "up":
-                    feeds = {"x": _rows(src, a // 2 - 1, b // 2 + 1)}
+                    feeds = {"x": src[a // 2 : b // 2 + 2]}
                 else:
-                    feeds = {"x": _rows(src, a - 1, b + 1), "mean": mean, "rstd": rstd,
-                             "mask": ((np.arange(a - 1, b + 1) >= 0) & (np.arange(a - 1, b + 1) < H)).astype(np.float32)}
+                    rows = np.arange(a - 1, b + 1)
+                    feeds = {"x": src[a : b + 2], "mean": mean, "rstd": rstd,
+                             "mask": ((rows >= 0) & (rows < H)).astype(np.float32)}
                     if st["kind"] == "conv_res":
-                        feeds["r"] = np.ascontiguousarray(bufs[st["residual"]][:, :, a:b])
-                res = runner.infer(feeds)
-                out[:, :, a:b] = res["y"]
+                        feeds["r"] = bufs[st["residual"]][a + 1 : b + 1]
+                if aliased:
+                    res = runner.infer(feeds)
+                    dst[a + 1 : b + 1] = res["y"]
+                else:
+                    res = runner.infer(feeds, out={"y": dst[a + 1 : b + 1]})
                 if new_stats is not None:
                     new_stats.add(s * W * D, res["y_mean"], res["y_var"])
-            runner.deactivate()  # engines keep a graph's working memory while it is loaded
-            bufs[st["output"]] = out
+            trim(runner)  # engines keep a graph's working memory while it is loaded
+            bufs[st["output"]] = dst
             if new_stats is not None:
                 stats[st["output"]] = new_stats
-            for name, last in last_use.items():  # free what no later step reads
+            for name, last in self.last_use.items():  # free what no later step reads
                 if last == i and name in bufs and name != st["output"]:
                     del bufs[name]
-        return bufs[self.tiling["steps"][-1]["output"]]
+        y = bufs[self.tiling["steps"][-1]["output"]][1:-1]  # (H, W, D, 1)
+        return y.reshape(1, 1, H, W, D)
 
 
-def _rows(x: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Rows a..b-1 of axis 2 as a contiguous array, zero rows where they fall outside."""
-    n = x.shape[2]
-    if a >= 0 and b <= n:
-        return np.ascontiguousarray(x[:, :, a:b])
-    out = np.zeros(x.shape[:2] + (b - a,) + x.shape[3:], np.float32)
-    lo, hi = max(a, 0), min(b, n)
-    out[:, :, lo - a : hi - a] = x[:, :, lo:hi]
-    return out
+def _padded(shape: tuple[int, ...]) -> np.ndarray:
+    """A slab-layout buffer (rows, W, D, C) with a zero row above and below."""
+    buf = np.empty((shape[0] + 2, *shape[1:]), np.float32)
+    buf[0] = 0.0
+    buf[-1] = 0.0
+    return buf
