@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from aldm.errors import ModelError
 from aldm.runtime.manifest import FORMAT_VERSION, ModelDir
 from aldm.runtime.pipeline import Pipeline
-from aldm.runtime.tiled import Stats, slab_rows
+from aldm.runtime.tiled import DEFAULT_TILE_ROWS, Stats, slab_rows
 from conftest import rel_err, synthetic_volume, write_nifti
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "aldm" / "assets" / "default_model"
@@ -177,18 +177,22 @@ def test_a_replaced_slab_graph_is_caught_by_its_hash(tiny_export, tmp_path):
         ModelDir(d)
 
 
-def test_aldm_infer_tile_rows_0_and_default_give_the_same_volume(tiny_export, tmp_path):
+@pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
+def test_aldm_infer_tile_rows_0_and_default_give_the_same_volume(tiny_export, tmp_path, backend):
     src = tmp_path / "s.nii.gz"
     write_nifti(src, synthetic_volume(shape=(40, 36, 20), seed=3))
     outs = {}
-    for rows in ("0", "8"):
+    for rows in ("0", "8", None):  # None: the default, slabs
         out = tmp_path / f"out{rows}"
         res = subprocess.run([sys.executable, "-m", "aldm.cli.infer", str(src), "--model", str(tiny_export),
-                              "--targets", "t2", "--seed", "1", "--steps", "2", "--backend", "ort-cpu",
-                              "--tile-rows", rows, "--out", str(out), "-q"], capture_output=True, text=True)
+                              "--targets", "t2", "--seed", "1", "--steps", "2", "--backend", backend,
+                              *(["--tile-rows", rows] if rows else []), "--out", str(out), "-q"],
+                             capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         outs[rows] = np.asarray(nib.load(out / "s_t2.nii.gz").dataobj, np.float64)
     assert rel_err(outs["8"], outs["0"]) <= 1e-5
+    assert rel_err(outs[None], outs["0"]) <= 1e-5
+    assert DEFAULT_TILE_ROWS > 0
     bad = subprocess.run([sys.executable, "-m", "aldm.cli.infer", str(src), "--model", str(tiny_export),
                           "--tile-rows", "-1", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

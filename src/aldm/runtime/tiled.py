@@ -14,12 +14,12 @@ from aldm.errors import ModelError
 from aldm.runtime.manifest import TILE_LAYOUT as LAYOUT  # slabs are (rows, W, D, C): aldm.export.tiled
 from aldm.runtime.manifest import ComponentSpec, ModelDir, TensorSpec
 from aldm.runtime.runners import BindingRunner as Runner
-from aldm.runtime.runners import trim
+from aldm.runtime.runners import return_freed_memory, trim
 
-# 0: whole-volume decoding by default. On the bundled model it is the faster (ov-cpu 4.5 s vs 6.5 s
-# in slabs of 16 rows; ort-cpu 9.3 vs 9.6 s) and slabs save memory only on ONNX Runtime
-# (docs/performance.md); --tile-rows N is for models whose whole decode does not fit.
-DEFAULT_TILE_ROWS = 0
+# Slabs of 16 rows by default. On the bundled model with OpenVINO they are as fast as the whole
+# decode (4.2 s vs 4.3 s) and a 3-target aldm-infer peaks at 1.7 GB instead of 3.8 GB; ONNX Runtime
+# is slower in slabs (46 vs 36 s for 3 targets), for 2.5 -> 1.6 GB (docs/performance.md).
+DEFAULT_TILE_ROWS = 16
 RunnerFactory = Callable[[str, ComponentSpec], Runner]  # (file name in the folder, spec) -> runner
 
 
@@ -140,7 +140,9 @@ class TiledDecoder:
             r.deactivate()
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.decode_one(z[i : i + 1]) for i in range(len(z))])
+        out = np.concatenate([self.decode_one(z[i : i + 1]) for i in range(len(z))])
+        return_freed_memory()
+        return out
 
     def decode_one(self, z: np.ndarray) -> np.ndarray:
         """z (1, C, h, w, d) -> (1, 1, H, W, D)."""
@@ -149,7 +151,7 @@ class TiledDecoder:
         h_spec = self.head.spec.outputs[0]
         bufs = {"h": _padded(h_spec.shape)}
         self.head.infer({"z": z}, out={"h": bufs["h"][1:-1]})
-        trim(self.head)
+        trim(self.head, give_back=False)
         stats: dict[str, Stats] = {}
         for i, (st, runner) in enumerate(self.steps):
             co = st["channels"]
@@ -180,7 +182,7 @@ class TiledDecoder:
                     res = runner.infer(feeds, out={"y": dst[a + 1 : b + 1]})
                 if new_stats is not None:
                     new_stats.add(s * W * D, res["y_mean"], res["y_var"])
-            trim(runner)  # engines keep a graph's working memory while it is loaded
+            trim(runner, give_back=False)  # engines keep a graph's working memory while it is loaded
             bufs[st["output"]] = dst
             if new_stats is not None:
                 stats[st["output"]] = new_stats
