@@ -48,7 +48,7 @@ def test_every_compile_runs_fp32_never_bf16(tiny_export, tmp_path, precision):
     spec = md.component("decoder")
     r = OvRunner(md.component_file("decoder", precision), spec, precision=precision)
     r.infer(sample_feeds(spec, 1, 0))
-    (compiled, _), = r.compiled.values()
+    (compiled, *_), = r.compiled.values()
     assert "f32" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() or \
         "float32" in str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
 

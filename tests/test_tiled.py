@@ -70,15 +70,17 @@ def test_the_upsample_as_eight_small_convolutions_is_the_same_function():
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(6, 5, 3, padding=1).double()
-    x = torch.randn(2, 6, 5, 7, 4, dtype=torch.float64)
+    x = torch.randn(2, 6, 7, 7, 4, dtype=torch.float64)
     ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     with torch.no_grad():
         assert (upsample_conv(conv, x) - ref).abs().max() < 1e-12
         # a slab: rows 1..3 with one context row each side -> full-resolution rows 2..7
-        assert (upsample_conv(conv, x[:, :, 0:5], context_rows=True) - ref[:, :, 2:8]).abs().max() < 1e-12
-        # the first slab: a zero row stands for the padding above the volume
+        assert (upsample_conv(conv, x[:, :, 0:5], context=1) - ref[:, :, 2:8]).abs().max() < 1e-12
+        # two rows of context: rows 2..3 with 0..1 and 4..5 around -> full-resolution rows 3..8
+        assert (upsample_conv(conv, x[:, :, 0:6], context=2) - ref[:, :, 3:9]).abs().max() < 1e-12
+        # the first slab: zero rows stand for the padding above the volume
         top = F.pad(x[:, :, 0:3], (0, 0, 0, 0, 1, 0))
-        assert (upsample_conv(conv, top, context_rows=True) - ref[:, :, 0:4]).abs().max() < 1e-12
+        assert (upsample_conv(conv, top, context=1) - ref[:, :, 0:4]).abs().max() < 1e-12
 
 
 @settings(max_examples=40, deadline=None)
@@ -197,3 +199,35 @@ def test_aldm_infer_tile_rows_0_and_default_give_the_same_volume(tiny_export, tm
                           "--tile-rows", "-1", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "--tile-rows must be 0" in bad.stderr
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
+def test_a_runner_writes_into_the_callers_array_and_a_plain_call_never_does(tiny_export, backend):
+    """The slab decoder's binding: outputs land in the view given, inputs are read in place; a
+    later call without `out` returns its own arrays (the bound one is not written again); trim
+    keeps the graph usable and the results the same."""
+    from aldm.runtime.backends import extra_graph_runners
+    from aldm.runtime.tiled import step_spec
+
+    md = ModelDir(tiny_export)
+    t, full = md.manifest.decoder_tiling, tuple(md.manifest.preprocessing.crop_size)
+    st = next(s for s in t["steps"] if s["kind"] == "conv")
+    runner = extra_graph_runners(md, backend)(st["file"], step_spec(st, 0, full))
+    rng = np.random.default_rng(0)
+    _, w, d = full
+    x = rng.standard_normal((6, w, d, st["in_channels"])).astype(np.float32)
+    feeds = {"x": x, "mean": np.zeros(st["in_channels"], np.float32),
+             "rstd": np.ones(st["in_channels"], np.float32), "mask": np.ones(6, np.float32)}
+    big = np.full((8, w, d, st["channels"]), 7.0, np.float32)
+    res = runner.infer(feeds, out={"y": big[2:6]})
+    assert res["y"] is not None and np.shares_memory(res["y"], big)
+    assert np.all(big[:2] == 7.0) and np.all(big[6:] == 7.0) and not np.all(big[2:6] == 7.0)
+    kept = big.copy()
+    plain = runner.infer(dict(feeds, x=x * 2))
+    assert not np.shares_memory(plain["y"], big) and np.array_equal(big, kept)
+    runner.trim()
+    again = runner.infer(feeds)
+    np.testing.assert_array_equal(again["y"], kept[2:6])
+    with pytest.raises(Exception, match="C-contiguous float32"):
+        runner.infer(feeds, out={"y": big[2:6, :, :, :1]})
+    runner.deactivate()

@@ -186,7 +186,7 @@ def _extra_graphs(model_dir: ModelDir, backend: str, feeds, expected, tol) -> li
     the decoder's slab graphs, held to the component's tolerance against the same reference."""
     from aldm.runtime.backends import extra_graph_runners
     from aldm.runtime.pipeline import spade_by_class, spade_class_spec
-    from aldm.runtime.tiled import TiledDecoder
+    from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder
 
     factory = extra_graph_runners(model_dir, backend)
     if factory is None:
@@ -201,7 +201,7 @@ def _extra_graphs(model_dir: ModelDir, backend: str, feeds, expected, tol) -> li
         out.append(compare("spade", f"{backend}/fp32 per class", got, expected["spade"][name], tol["spade"]))
     if m.decoder_tiling:
         name = model_dir.component("decoder").outputs[0].name
-        tiled = TiledDecoder(model_dir, factory, rows=16)
+        tiled = TiledDecoder(model_dir, factory, rows=DEFAULT_TILE_ROWS)
         got = tiled(feeds["decoder"]["z"])
         tiled.deactivate()
         out.append(compare("decoder", f"{backend}/fp32 slabs of {tiled.rows}", got, expected["decoder"][name],

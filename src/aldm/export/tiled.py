@@ -26,7 +26,9 @@ after normalisation and activation, which is the zero padding the whole convolut
 
 Graphs (one volume; rows dynamic):
   head:     z (1, C, h, w, d) -> h (H/2, W/2, D/2, C'), the input of the last upsample  [norms inside, staged]
-  up:       h rows a/2-1..b/2+1 -> conv3(nearest x2) as one transposed conv -> rows a..b, mean, var
+  up_stats: h rows a/2-1..b/2+1 -> u = conv3(nearest x2) as one transposed conv -> mean, var of u rows a..b
+  up_conv:  h rows a/2-2..b/2+2, u's mean, rstd, mask -> u rows a-1..b+1 -> y = conv3(silu(norm(u))),
+            mean, var, and s = the first block's shortcut of u rows a..b (u is never stored)
   conv:     x rows a-1..b+1, mean, rstd, mask -> conv3(silu(norm(x))) -> y, mean, var
   conv_res: as conv, plus r rows a..b -> y + shortcut(r)
   out:      as conv, no statistics (the decoder's output)
@@ -42,7 +44,7 @@ from torch import nn
 
 from aldm.models.aldm import ALDM
 from aldm.runtime.manifest import ComponentSpec
-from aldm.runtime.tiled import LAYOUT, ROWS, ROWS_IN, head_spec, step_spec
+from aldm.runtime.tiled import LAYOUT, ROWS, ROWS_IN, ROWS_LOW, head_spec, step_spec
 
 AXIS = 0  # slabs are runs of rows of (H, C, W, D) arrays: a slab is a contiguous block
 
@@ -123,26 +125,47 @@ class FoldedUpsample(nn.Module):
             self.register_buffer("kernel", folded_kernel(conv).detach())
             self.register_buffer("bias", conv.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor, context_rows: bool = False) -> torch.Tensor:
-        """context_rows=True: x carries one context row each side along axis 2 (a slab) and the
-        result covers only the rows between them."""
-        return F.conv_transpose3d(x, self.kernel, self.bias, stride=2, padding=(3 if context_rows else 1, 1, 1))
+    def forward(self, x: torch.Tensor, context: int = 0) -> torch.Tensor:
+        """context c > 0: x is a slab along axis 2, low-resolution rows a/2-c..b/2+c, and the
+        result covers full-resolution rows a-c+1..b+c-1 (c = 1: exactly a..b)."""
+        pad = 1 if context == 0 else context + 2
+        return F.conv_transpose3d(x, self.kernel, self.bias, stride=2, padding=(pad, 1, 1))
 
 
-def upsample_conv(conv: nn.Conv3d, x: torch.Tensor, context_rows: bool = False) -> torch.Tensor:
+def upsample_conv(conv: nn.Conv3d, x: torch.Tensor, context: int = 0) -> torch.Tensor:
     """FoldedUpsample in one call (for checks; graphs keep a FoldedUpsample module)."""
-    return FoldedUpsample(conv)(x, context_rows)
+    return FoldedUpsample(conv)(x, context)
 
 
-class UpGraph(nn.Module):
+class UpStatsGraph(nn.Module):
+    """The statistics of the upsampled activation u over a slab: u itself is never kept (at the
+    official widths it is 128 channels, 2 GB), UpConvGraph computes it again, slab by slab."""
+
     def __init__(self, up: nn.Module):
         super().__init__()
         self.up = FoldedUpsample(up.conv)
 
     def forward(self, x):
-        y = _channels_last(self.up(_channels_first(x), context_rows=True))
-        m, v = _stats(y)
-        return y, m, v
+        return _stats(_channels_last(self.up(_channels_first(x), context=1)))
+
+
+class UpConvGraph(nn.Module):
+    """u = upsample(h) on the slab's rows with one context row each side, then the first block's
+    conv1(silu(norm1(u))) with u's statistics given, and the block's shortcut of u (its residual
+    branch, nin_shortcut or u itself) for the slab's rows: the outputs y, mean, var, s."""
+
+    def __init__(self, up: nn.Module, block: nn.Module):
+        super().__init__()
+        self.up = FoldedUpsample(up.conv)
+        self.conv = NormConvGraph(block.norm1, block.conv1)
+        self.shortcut = getattr(block, "nin_shortcut", None)
+
+    def forward(self, x, mean, rstd, mask):
+        u = _channels_last(self.up(_channels_first(x), context=2))  # rows a-1..b
+        y, m, v = self.conv(u, mean, rstd, mask)
+        r = u[1:-1]
+        s = r if self.shortcut is None else _channels_last(self.shortcut(_channels_first(r)))
+        return y, m, v, s
 
 
 class NormConvGraph(nn.Module):
@@ -171,15 +194,30 @@ class NormConvGraph(nn.Module):
 
 
 def tail_program(model: ALDM, crop: tuple[int, int, int]) -> tuple[list[dict], list[nn.Module]]:
-    """The full-resolution steps (manifest entries without files) and their graph modules."""
+    """The full-resolution steps (manifest entries without files) and their graph modules.
+
+    The upsampled activation u is the widest of the level (2x the level's channels at the official
+    widths) and its only readers are the first block's conv1 (after a norm) and its shortcut, so
+    it is never stored: one pass gathers its statistics (up_stats), the next computes it again per
+    slab and feeds both readers (up_conv), writing the block's h0 and its shortcut branch x1."""
     dd = model.config.first_stage_config.ddconfig
     dec = model.first_stage_model.decoder
     g, eps = dd.num_groups, float(dec.norm_out.eps)
     ch_half = dd.ch * dd.ch_mult[1]
-    steps: list[dict] = [dict(kind="up", input="h", output="u", in_channels=ch_half, channels=ch_half)]
-    modules: list[nn.Module] = [UpGraph(dec.up[1].upsample)]
-    cur, cur_ch, fresh = "u", ch_half, 0
-    for i, block in enumerate(dec.up[0].block):
+    first = dec.up[0].block[0]
+    co = first.conv1.out_channels
+    steps: list[dict] = [
+        dict(kind="up_stats", input="h", output="u", in_channels=ch_half, channels=ch_half),
+        dict(kind="up_conv", input="h", norm_input="u", output="h0", residual_output="x1",
+             in_channels=ch_half, channels=co, residual_channels=first.conv2.out_channels,
+             groups=g, eps=float(first.norm1.eps)),
+        dict(kind="conv_res", input="h0", residual="x1", output="x1", in_channels=co, channels=co,
+             groups=g, eps=float(first.norm2.eps)),
+    ]
+    modules: list[nn.Module] = [UpStatsGraph(dec.up[1].upsample), UpConvGraph(dec.up[1].upsample, first),
+                                NormConvGraph(first.norm2, first.conv2, None, residual=True)]
+    cur, cur_ch, fresh = "x1", co, 1
+    for block in list(dec.up[0].block)[1:]:
         co = block.conv1.out_channels
         steps.append(dict(kind="conv", input=cur, output="h0", in_channels=cur_ch, channels=co,
                           groups=g, eps=float(block.norm1.eps)))
@@ -210,8 +248,10 @@ def export_tiles(model: ALDM, out_dir: Path, crop: tuple[int, int, int], latent:
     export_fn(HeadGraph(model).eval(), head, out_dir / head.file, (z,), {"z": None})
     steps, modules = tail_program(model, crop)
     for i, (step, module) in enumerate(zip(steps, modules)):
-        if step["kind"] == "conv_res":
-            step["residual_channels"] = next(s["channels"] for s in steps[:i] if s["output"] == step["residual"])
+        if step["kind"] == "conv_res" and "residual_channels" not in step:
+            step["residual_channels"] = next(s["residual_channels"] if s.get("residual_output") == step["residual"]
+                                             else s["channels"] for s in steps[:i]
+                                             if step["residual"] in (s["output"], s.get("residual_output")))
         step["file"] = f"decoder_tile{i:02d}_{step['kind']}.onnx"
         spec = step_spec(step, i, crop)  # the I/O the runtime will feed: one definition
         export_fn(module.eval(), spec, out_dir / spec.file, *_example(spec, step))
@@ -219,20 +259,20 @@ def export_tiles(model: ALDM, out_dir: Path, crop: tuple[int, int, int], latent:
 
 
 def _example(spec: ComponentSpec, step: dict):
-    """Example inputs (slab of 8 output rows) and the dynamic rows axis, for the exporter."""
-    rows_in = torch.export.Dim("rows_in", min=4, max=4096)
-    n_in = 6 if step["kind"] == "up" else 10
+    """Example inputs (a slab of 8 output rows) and the dynamic rows axes, for the exporter."""
+    n = 8
+    if step["kind"].startswith("up"):
+        low = torch.export.Dim("rows_low", min=6, max=4096)
+        context = 1 if step["kind"] == "up_stats" else 2
+        sizes = {ROWS_LOW: n // 2 + 2 * context, ROWS_IN: n + 2}
+        dims = {"x": low, "mask": 2 * low - 6}  # up_conv: n/2 + 4 low rows give n + 2 rows of u
+    else:
+        rows_in = torch.export.Dim("rows_in", min=4, max=4096)
+        sizes = {ROWS_IN: n + 2, ROWS: n}
+        dims = {"x": rows_in, "mask": rows_in, "r": rows_in - 2}
     feeds, dynamic = [], {}
     for t in spec.inputs:
-        shape = tuple(n_in if s == ROWS_IN else n_in - 2 if s == ROWS else s for s in t.shape)
-        if t.name == "rstd" or t.name == "mask":
-            feeds.append(torch.ones(shape))
-        else:
-            feeds.append(torch.randn(shape))
-        if t.name in ("x", "mask"):
-            dynamic[t.name] = {AXIS: rows_in}
-        elif t.name == "r":
-            dynamic[t.name] = {AXIS: rows_in - 2}
-        else:
-            dynamic[t.name] = None
+        shape = tuple(sizes.get(s, s) for s in t.shape)
+        feeds.append(torch.ones(shape) if t.name in ("rstd", "mask") else torch.randn(shape))
+        dynamic[t.name] = {AXIS: dims[t.name]} if t.name in dims else None
     return tuple(feeds), dynamic

@@ -189,7 +189,7 @@ def _per_class(files: Any, classes: int) -> tuple[str, ...] | None:
     return tuple(files)
 
 
-TILE_KINDS = ("up", "conv", "conv_res", "out")
+TILE_KINDS = ("up_stats", "up_conv", "conv", "conv_res", "out")
 
 
 def _tiling(t: Any) -> dict[str, Any] | None:
@@ -200,12 +200,12 @@ def _tiling(t: Any) -> dict[str, Any] | None:
         ok = (isinstance(t["head"], str) and t["axis"] == 0 and t.get("layout") == TILE_LAYOUT
               and isinstance(t["steps"], list) and t["steps"]
               and all(st["kind"] in TILE_KINDS and isinstance(st["file"], str) for st in t["steps"])
-              and t["steps"][0]["kind"] == "up" and t["steps"][-1]["kind"] == "out")
+              and t["steps"][0]["kind"] == "up_stats" and t["steps"][-1]["kind"] == "out")
     except (KeyError, TypeError):
         ok = False
     if not ok:
         raise ModelError(f"manifest decoder_tiling is malformed (head, axis 0, layout {TILE_LAYOUT}, "
-                         f"steps from 'up' to 'out')")
+                         f"steps from 'up_stats' to 'out')")
     return t
 
 

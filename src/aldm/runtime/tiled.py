@@ -16,10 +16,11 @@ from aldm.runtime.manifest import ComponentSpec, ModelDir, TensorSpec
 from aldm.runtime.runners import BindingRunner as Runner
 from aldm.runtime.runners import return_freed_memory, trim
 
-# Slabs of 16 rows by default. On the bundled model with OpenVINO they are as fast as the whole
-# decode (4.2 s vs 4.3 s) and a 3-target aldm-infer peaks at 1.7 GB instead of 3.8 GB; ONNX Runtime
-# is slower in slabs (46 vs 36 s for 3 targets), for 2.5 -> 1.6 GB (docs/performance.md).
-DEFAULT_TILE_ROWS = 16
+# Slabs of 8 rows by default. Bundled model, ov-cpu, 3 targets: 13.9 s and 1.34 GB peak (16 rows:
+# 14.0 s, 1.40 GB; whole volumes: 14.9 s, 3.8 GB); the official widths' decoder: 23.5 s and 2.67 GB
+# (16 rows: 3.0 GB; whole: 26.6 s, 4.1 GB). ONNX Runtime is slower in slabs than whole
+# (docs/performance.md).
+DEFAULT_TILE_ROWS = 8
 RunnerFactory = Callable[[str, ComponentSpec], Runner]  # (file name in the folder, spec) -> runner
 
 
@@ -49,7 +50,9 @@ class Stats:
         return (np.repeat(mu, k).astype(np.float32), np.repeat(rstd, k).astype(np.float32))
 
 
-ROWS_IN, ROWS = "rows_in", "rows"  # a slab graph's dynamic axes: input rows (with context), output rows
+# a slab graph's dynamic axes: input rows (with context), output rows, half-resolution input rows
+ROWS_IN, ROWS, ROWS_LOW = "rows_in", "rows", "rows_low"
+PAD = 2  # zero rows above and below every buffer: the up_conv step reads two half-resolution rows of context
 
 
 def step_spec(step: Mapping, index: int, full: tuple[int, int, int]) -> ComponentSpec:
@@ -57,18 +60,21 @@ def step_spec(step: Mapping, index: int, full: tuple[int, int, int]) -> Componen
     exporter writes the graph to it and the runtime feeds it. full = the full-resolution (H, W, D)."""
     _, w, d = full
     f32 = "float32"
-    cin, co = step["in_channels"], step["channels"]
-    if step["kind"] == "up":
-        ins = (TensorSpec("x", (ROWS_IN, w // 2, d // 2, cin), f32),)
+    cin, co, kind = step["in_channels"], step["channels"], step["kind"]
+    stats = (TensorSpec("y_mean", (1, co), f32), TensorSpec("y_var", (1, co), f32))
+    norm = (TensorSpec("mean", (cin,), f32), TensorSpec("rstd", (cin,), f32), TensorSpec("mask", (ROWS_IN,), f32))
+    y = TensorSpec("y", (ROWS, w, d, co), f32)
+    if kind == "up_stats":
+        ins, outs = (TensorSpec("x", (ROWS_LOW, w // 2, d // 2, cin), f32),), stats
+    elif kind == "up_conv":
+        ins = (TensorSpec("x", (ROWS_LOW, w // 2, d // 2, cin), f32),) + norm
+        outs = (y,) + stats + (TensorSpec("s", (ROWS, w, d, step["residual_channels"]), f32),)
     else:
-        ins = (TensorSpec("x", (ROWS_IN, w, d, cin), f32), TensorSpec("mean", (cin,), f32),
-               TensorSpec("rstd", (cin,), f32), TensorSpec("mask", (ROWS_IN,), f32))
-        if step["kind"] == "conv_res":
+        ins = (TensorSpec("x", (ROWS_IN, w, d, cin), f32),) + norm
+        if kind == "conv_res":
             ins += (TensorSpec("r", (ROWS, w, d, step["residual_channels"]), f32),)
-    outs = (TensorSpec("y", (ROWS, w, d, co), f32),)
-    if step["kind"] != "out":
-        outs += (TensorSpec("y_mean", (1, co), f32), TensorSpec("y_var", (1, co), f32))
-    return ComponentSpec(f"decoder slab {index} ({step['kind']})", step["file"], ins, outs)
+        outs = (y,) if kind == "out" else (y,) + stats
+    return ComponentSpec(f"decoder slab {index} ({kind})", step["file"], ins, outs)
 
 
 def head_spec(config: Mapping, latent: tuple[int, ...], full: tuple[int, int, int],
@@ -105,8 +111,8 @@ def tiled_decoder(model: ModelDir, backend: str, threads: int | None, rows: int)
 class TiledDecoder:
     """z (B, C, h, w, d), unscaled -> volumes (B, 1, H, W, D), one volume at a time.
 
-    Every activation is a host buffer in the slab layout with one zero row above and below,
-    (H + 2, W, D, C): a slab's input with its context rows, its residual and its output are then
+    Every activation is a host buffer in the slab layout with PAD zero rows above and below,
+    (H + 2 PAD, W, D, C): a slab's input with its context rows, its residual and its output are then
     contiguous views that the engine reads and writes in place. The zero rows stand for the
     padding outside the volume (the graphs' `mask` zeroes them after the activation, as the whole
     convolution's zero padding does; they are zero so that 0 * x stays 0)."""
@@ -145,57 +151,74 @@ class TiledDecoder:
         return out
 
     def decode_one(self, z: np.ndarray) -> np.ndarray:
-        """z (1, C, h, w, d) -> (1, 1, H, W, D)."""
+        """z (1, C, h, w, d) -> (1, 1, H, W, D). Buffers hold row r at index r + PAD."""
         H, W, D = self.full
-        s = self.rows
-        h_spec = self.head.spec.outputs[0]
-        bufs = {"h": _padded(h_spec.shape)}
-        self.head.infer({"z": z}, out={"h": bufs["h"][1:-1]})
+        s, P = self.rows, PAD
+        bufs = {"h": _padded(self.head.spec.outputs[0].shape)}
+        self.head.infer({"z": z}, out={"h": bufs["h"][P:-P]})
         trim(self.head, give_back=False)
         stats: dict[str, Stats] = {}
         for i, (st, runner) in enumerate(self.steps):
-            co = st["channels"]
-            src = bufs[st["input"]]
-            dst = bufs.get(st["output"])
-            if dst is None or dst.shape[-1] != co:
-                dst = _padded((H, W, D, co))
+            kind, src = st["kind"], bufs[st["input"]]
+            outs = {}  # output name -> buffer, for the steps that write volumes
+            if kind != "up_stats":
+                outs["y"] = _reuse(bufs.get(st["output"]), (H, W, D, st["channels"]))
+            if kind == "up_conv":
+                outs["s"] = _reuse(bufs.get(st["residual_output"]), (H, W, D, st["residual_channels"]))
             # a block that keeps its width writes its output over its residual input, slab by
             # slab; an engine must not write where it reads, so those slabs come back and are copied
-            aliased = st.get("residual") == st["output"]
-            new_stats = Stats() if st["kind"] != "out" else None
-            if st["kind"] != "up":
-                mean, rstd = stats[st["input"]].channel_norm(st["groups"], st["eps"])
+            aliased, scratch = st.get("residual") == st["output"], None
+            new_stats = Stats() if kind != "out" else None
+            if kind != "up_stats":
+                mean, rstd = stats[st.get("norm_input", st["input"])].channel_norm(st["groups"], st["eps"])
             for a in range(0, H, s):
-                b = a + s  # output rows a..b-1 are rows a+1..b of the padded buffers
-                if st["kind"] == "up":
-                    feeds = {"x": src[a // 2 : b // 2 + 2]}
+                b = a + s  # this slab's output rows a..b-1
+                if kind == "up_stats":  # half-resolution rows a/2-1 .. b/2 (one of context each side)
+                    feeds = {"x": src[a // 2 - 1 + P : b // 2 + 1 + P]}
                 else:
+                    if kind == "up_conv":  # two rows of context: u is computed for rows a-1..b
+                        x = src[a // 2 - 2 + P : b // 2 + 2 + P]
+                    else:
+                        x = src[a - 1 + P : b + 1 + P]
                     rows = np.arange(a - 1, b + 1)
-                    feeds = {"x": src[a : b + 2], "mean": mean, "rstd": rstd,
+                    feeds = {"x": x, "mean": mean, "rstd": rstd,
                              "mask": ((rows >= 0) & (rows < H)).astype(np.float32)}
-                    if st["kind"] == "conv_res":
-                        feeds["r"] = bufs[st["residual"]][a + 1 : b + 1]
+                    if kind == "conv_res":
+                        feeds["r"] = bufs[st["residual"]][a + P : b + P]
+                into = {k: v[a + P : b + P] for k, v in outs.items()}
                 if aliased:
-                    res = runner.infer(feeds)
-                    dst[a + 1 : b + 1] = res["y"]
+                    scratch = np.empty_like(into["y"]) if scratch is None else scratch
+                    res = runner.infer(feeds, out={"y": scratch})
+                    into["y"][...] = scratch
                 else:
-                    res = runner.infer(feeds, out={"y": dst[a + 1 : b + 1]})
+                    res = runner.infer(feeds, out=into)
                 if new_stats is not None:
                     new_stats.add(s * W * D, res["y_mean"], res["y_var"])
             trim(runner, give_back=False)  # engines keep a graph's working memory while it is loaded
-            bufs[st["output"]] = dst
+            if "y" in outs:
+                bufs[st["output"]] = outs["y"]
+            if "s" in outs:
+                bufs[st["residual_output"]] = outs["s"]
             if new_stats is not None:
                 stats[st["output"]] = new_stats
+            del src, outs, feeds, into, res, scratch  # no view may keep a freed buffer alive
             for name, last in self.last_use.items():  # free what no later step reads
-                if last == i and name in bufs and name != st["output"]:
+                if last == i and name in bufs and name not in (st["output"], st.get("residual_output")):
                     del bufs[name]
-        y = bufs[self.tiling["steps"][-1]["output"]][1:-1]  # (H, W, D, 1)
+        y = bufs[self.tiling["steps"][-1]["output"]][P:-P]  # (H, W, D, 1)
         return y.reshape(1, 1, H, W, D)
 
 
+def _reuse(buf: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """`buf` if it has the padded shape, else a new padded buffer."""
+    if buf is not None and buf.shape[1:] == shape[1:]:
+        return buf
+    return _padded(shape)
+
+
 def _padded(shape: tuple[int, ...]) -> np.ndarray:
-    """A slab-layout buffer (rows, W, D, C) with a zero row above and below."""
-    buf = np.empty((shape[0] + 2, *shape[1:]), np.float32)
-    buf[0] = 0.0
-    buf[-1] = 0.0
+    """A slab-layout buffer (rows, W, D, C) with PAD zero rows above and below."""
+    buf = np.empty((shape[0] + 2 * PAD, *shape[1:]), np.float32)
+    buf[:PAD] = 0.0
+    buf[-PAD:] = 0.0
     return buf
