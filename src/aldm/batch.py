@@ -58,6 +58,7 @@ class Case:
     path: Path | None = None  # a local file
     member: str | None = None  # an archive member
     refused: str | None = None  # why the entry is not processed at all
+    dicom: object | None = None  # a DICOM study's chosen series (aldm.dicom.source.DicomSeries)
 
 
 @dataclass
@@ -87,22 +88,55 @@ def _unsafe(rel: str) -> str | None:
     return None
 
 
-def discover(source: Path, source_modality: str = "t1") -> list[Case]:
-    """Every case of a batch input, refused entries included (with their reason)."""
+def discover(source: Path, source_modality: str = "t1", *, source_series: str | None = None,
+             limits: ArchiveLimits | None = None) -> list[Case]:
+    """Every case of a batch input, refused entries included (with their reason). NIfTI files
+    are cases; so is each DICOM study (its source series chosen here, from the headers alone)."""
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
     name = source.name.lower()
     if source.is_file() and name.endswith(ARCHIVES):
         try:
-            return _archive_cases(source)
+            return _archive_cases(source) + _dicom_cases(source, source_modality, source_series, limits)
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, RuntimeError) as exc:
             raise AldmError(f"{source}: unreadable archive ({describe(exc)})") from None
     if source.is_file() and name.endswith((".txt", ".csv")):
         return _list_cases(source)
     if source.is_dir():
         brats = _brats_cases(source, source_modality)
-        return brats if brats else _folder_cases(source)
+        return brats if brats else _folder_cases(source) + _dicom_cases(source, source_modality, source_series)
     raise UsageError(f"{source}: expected a folder, a .txt/.csv list or a .zip/.tar(.gz) archive")
+
+
+def _dicom_cases(source: Path, modality: str, pattern: str | None, limits=None) -> list[Case]:
+    """The DICOM studies of a folder or archive, one case each; [] when it holds no DICOM (and
+    pydicom, the extra `dicom`, is then not needed)."""
+    from aldm.dicom.index import is_dicom_bytes, is_dicom_file
+
+    if source.is_dir() and not any(is_dicom_file(p) for p in source.rglob("*") if p.is_file()):
+        return []
+    if source.is_file() and not _archive_has_dicom(source, is_dicom_bytes):
+        return []
+    from aldm.dicom.source import study_cases
+
+    return study_cases(source, modality, pattern, limits or ArchiveLimits())
+
+
+def _archive_has_dicom(archive: Path, is_dicom_bytes) -> bool:
+    """Whether any member of an archive starts like a DICOM file (a cheap look before the index)."""
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if not info.is_dir() and not _is_nifti(info.filename) and not info.flag_bits & 0x1:
+                    with z.open(info) as f:
+                        if is_dicom_bytes(f.read(132)):
+                            return True
+        return False
+    with tarfile.open(archive, "r|*") as t:
+        for m in t:
+            if m.isfile() and not _is_nifti(m.name) and is_dicom_bytes(t.extractfile(m).read(132)):
+                return True
+    return False
 
 
 def _folder_cases(root: Path) -> list[Case]:
@@ -333,8 +367,13 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
                     return None
             t0 = time.perf_counter()
             d.mkdir(parents=True, exist_ok=True)
-            with materialize(case, archive) as local:
-                vol, prep = translator.load(local)
+            if case.dicom is not None:
+                in_archive = source.is_file() and source.name.lower().endswith(ARCHIVES)
+                vol, prep = translator.load_dicom(case.dicom, Path(f"{source}!" if in_archive else source) / case.rel_dir,
+                                                  archive if in_archive else None)
+            else:
+                with materialize(case, archive) as local:
+                    vol, prep = translator.load(local)
             if case.member is not None:
                 vol.path = Path(f"{source}!/{case.member}")
             return case, paths, vol, prep, time.perf_counter() - t0, why
@@ -360,7 +399,8 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
             case, paths, vol, prep, tr, seed, read_s, compute_s, why = item
             try:
                 res = translator.write(vol, prep, tr, paths, seed, {"read": read_s, "compute": compute_s})
-                record(Record(case.id, "done", _redone(why), [str(p) for p in res.outputs.values()], seed,
+                said = "; ".join(x for x in (_redone(why), vol.dicom.summary() if vol.dicom else "") if x)
+                record(Record(case.id, "done", said, [str(p) for p in res.outputs.values()], seed,
                               read_s, compute_s, res.timings["write"]), case)
             except Exception as exc:
                 record(Record(case.id, "failed", describe(exc), seed=seed), case)

@@ -37,17 +37,6 @@ class Series:
     def description(self) -> str:
         return str(self.info.get("SeriesDescription") or "")
 
-    @property
-    def folder(self) -> str:
-        """The deepest folder holding all its files ("" for the input's top level)."""
-        parents = [PurePosixPath(f).parent.parts for f in self.files]
-        common = []
-        for parts in zip(*parents):
-            if len(set(parts)) != 1:
-                break
-            common.append(parts[0])
-        return "/".join(common)
-
     def label(self) -> str:
         """How a series is named in messages: number, description, slice count."""
         n = self.info.get("SeriesNumber")

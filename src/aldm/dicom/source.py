@@ -45,7 +45,8 @@ def choose_in(index: Index, where: str, modality: str, pattern: str | None) -> D
     if not index.studies:
         why = f"; {len(index.broken)} unreadable DICOM file(s), e.g. {Path(index.broken[0][0]).name}: " \
               f"{index.broken[0][1]}" if index.broken else ""
-        raise InputError(f"{where}: no DICOM image series found{why}")
+        what = "is a folder holding no DICOM image series" if Path(where).is_dir() else "holds no DICOM image series"
+        raise InputError(f"{where}: {what} (and is not a NIfTI file){why}")
     if len(index.studies) > 1:
         raise InputError(f"{where}: holds {len(index.studies)} studies; convert them with --batch")
     c: Choice = choose(index.studies[0], modality, pattern)
@@ -59,7 +60,7 @@ def open_input(source: Path, modality: str, pattern: str | None, limits=None) ->
 
 
 @contextlib.contextmanager
-def local_files(source: Path, files: list[str], archive=None) -> Iterator[list[str]]:
+def local_files(files: list[str], archive=None) -> Iterator[list[str]]:
     """The series' files on disk: in place, or archive members copied to a temporary folder
     (in archive order, so a tar is read forward once)."""
     if archive is None:
@@ -75,14 +76,68 @@ def local_files(source: Path, files: list[str], archive=None) -> Iterator[list[s
         yield local
 
 
-def load(chosen: DicomSeries, files: list[str], where: str, index: Index, *, max_voxels: int):
+def study_cases(source: Path, modality: str, pattern: str | None, limits) -> list:
+    """One batch case per study of a folder or archive (indexed in one pass, nothing extracted):
+    its chosen series, or the reason none can be chosen. Output folder: the series' folder in
+    the input; output names: the series' sanitised description, else its UID."""
+    from pathlib import PurePosixPath
+
+    from aldm.batch import Case
+
+    index = index_input(source, limits)
+    root = source if source.is_dir() else None
+
+    def rel(name: str) -> str:
+        return Path(name).resolve().relative_to(root.resolve()).as_posix() if root else name
+
+    cases, names = [], set()
+    placed = set()  # folders whose broken files a case already names
+    for study in index.studies:
+        try:
+            c = choose(study, modality, pattern)
+        except InputError as exc:
+            folder = _common([rel(f) for s in study.series for f in s.files] or [rel(f) for f in study.nonimage])
+            cases.append(Case(f"{folder or '.'} (study {study.uid})", folder, "study", refused=str(exc)))
+            continue
+        chosen = DicomSeries(c.series, c.reason, c.candidates)
+        folder = _common([rel(f) for f in c.series.files])
+        name = c.series.name()
+        if (folder, name) in names:  # two series named alike in one folder
+            name = f"{name}_{c.series.uid.replace('.', '_')[-12:]}"
+        names.add((folder, name))
+        case = Case(f"{folder}/{name}" if folder else name, folder, name, dicom=chosen)
+        broken = index.broken_beside(c.series)
+        if broken:
+            case.refused = f"{PurePosixPath(broken[0][0]).name} beside series {c.series.label()} is {broken[0][1]}"
+        placed |= {str(PurePosixPath(f).parent) for f, _ in broken}
+        cases.append(case)
+    for f, why in index.broken:  # broken files beside no chosen series: a failed case each
+        if str(PurePosixPath(f).parent) not in placed:
+            r = rel(f)
+            cases.append(Case(r, str(PurePosixPath(r).parent).strip("."), PurePosixPath(r).name,
+                              refused=f"DICOM file {why}"))
+    return cases
+
+
+def _common(paths: list[str]) -> str:
+    """The deepest folder holding every one of `paths` ("" at the top)."""
+    parts = [Path(p).parent.parts for p in paths]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return "/".join(out)
+
+
+def load(chosen: DicomSeries, files: list[str], where: str, index: Index | None = None, *, max_voxels: int):
     """The chosen series as a Volume named `<where>/<series name>` (outputs are named after it)."""
     import nibabel as nib
 
     from aldm.nifti import Volume
 
     label = f"{where}: series {chosen.series.label()}"
-    broken = index.broken_beside(chosen.series)
+    broken = index.broken_beside(chosen.series) if index is not None else []
     if broken:
         f, why = broken[0]
         raise InputError(f"{label}: {Path(f).name} beside its slices is {why}; the series may be incomplete")

@@ -127,8 +127,9 @@ def _series_common(description: str, number: int, derivation: str, equipment: tu
 
 
 def write_derived(data: np.ndarray, source, folder: Path, *, target: str, aldm_version: str,
-                  model_sha256: str, number_offset: int = 1000, overwrite: bool = False) -> Path:
-    """A synthetic `target` series over `source` (a DicomSeries whose slices were read)."""
+                  model_sha256: str, number_offset: int = 1000, overwrite: bool = False) -> tuple[Path, str]:
+    """(folder, SeriesInstanceUID): a synthetic `target` series over `source` (a DicomSeries
+    whose slices were read)."""
     pd = pydicom()
     slices = source.slices
     first = slices[0].dataset
@@ -154,7 +155,7 @@ def write_derived(data: np.ndarray, source, folder: Path, *, target: str, aldm_v
                     "PixelSpacing": [_ds(v) for v in s.spacing]}
         geo["SourceImageSequence"] = [_ref(s.dataset, s.frame)]
         geometry.append(geo)
-    return _write(folder, data, geometry, common, overwrite)
+    return _write(folder, data, geometry, common, overwrite), str(common.SeriesInstanceUID)
 
 
 def _ref(ds, frame: int | None = None):
