@@ -113,7 +113,7 @@ def _dicom_cases(source: Path, modality: str, pattern: str | None, limits=None) 
     pydicom, the extra `dicom`, is then not needed)."""
     from aldm.dicom.index import is_dicom_bytes, is_dicom_file
 
-    if source.is_dir() and not any(is_dicom_file(p) for p in source.rglob("*") if p.is_file()):
+    if source.is_dir() and not any(is_dicom_file(p) for p in source.rglob("*") if p.is_file() and not _is_nifti(p.name)):
         return []
     if source.is_file() and not _archive_has_dicom(source, is_dicom_bytes):
         return []

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from aldm.dicom import pydicom
 from aldm.errors import AldmError, InputError, one_line
+from aldm.nifti import is_nifti
 
 PREAMBLE = 132  # 128 bytes of preamble, then b"DICM"
 HEADER_KEYS = ("SeriesDescription", "ProtocolName", "SeriesNumber", "Modality", "ImageType",
@@ -133,7 +134,7 @@ def build(entries: Iterator[tuple[str, object]]) -> Index:
 def index_folder(root: Path, *, max_bytes: int = 4 << 30) -> Index:
     """Every DICOM file under `root` (recursive; files in place, never copied)."""
     def entries():
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and not is_nifti(p))
         for p in files:
             if p.is_symlink() and root.resolve() not in p.resolve().parents:
                 continue  # a link out of the input folder is never followed

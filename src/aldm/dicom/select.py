@@ -1,10 +1,11 @@
 """Which series of a study is the source: by `--source-series` pattern, else by a documented rule.
 
-The rule (README, "DICOM"): only MR image series of 3+ slices that are not localizers, scouts or
-derived (aldm's own synthetic series included) are candidates. Each candidate's contrast is read
-from its SeriesDescription and ProtocolName keywords; when they name none, from its sequence
-parameters (TR, TE, TI, EPI). The source is the one candidate of `--source-modality`; none, or
-several, is a failure that lists the candidates, never a guess.
+The rule (README, "DICOM"): only MR image series of 3+ slices that are not localizers, scouts,
+field maps, phase images or derived (aldm's own synthetic series included) are candidates. Each
+candidate's contrast is read from its SeriesDescription and ProtocolName keywords; when they name
+none, from its sequence parameters (TR, TE, TI, EPI). The source is the one candidate whose
+keywords name `--source-modality`, else the one whose parameters read as it; none, or several,
+is a failure that lists the candidates, never a guess.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from dataclasses import dataclass
 from aldm.dicom.index import Series, Study
 from aldm.errors import InputError
 
-# keyword -> contrast, checked in this order (FLAIR before T2, post-contrast T1 before T1)
+# keyword -> contrast, checked in this order (other contrasts first, FLAIR before T2, post-contrast
+# T1 before T1); "other" (T2*, SWI, diffusion, perfusion, BOLD, PD, angiography) is never a source
 KEYWORDS = (
+    ("other", r"t2\*|t2.?star|\bswi\b|susc|\bdwi\b|diff|\badc\b|\btrace\b|perf|\bbold\b|fmri|"
+              r"\bpd\b|proton|\btof\b|angio"),
     ("flair", r"flair|dark.?fluid|\btirm\b|t2.?fl\b"),
     ("t1ce", r"(t1|mprage|mp.rage|spgr|bravo|vibe|tfl).*(\+c\b|gd|gad|contrast|post|\bce\b|kont)|(\+c\b|gd|gad|post).*t1"),
     ("t1", r"\bt1|t1w|mprage|mp.rage|spgr|bravo|\btfl\b|fspgr|t1_|_t1"),
     ("t2", r"\bt2(?!\*|.?star)|t2w|t2_|_t2|\btse\b.*t2"),
 )
-EXCLUDE = re.compile(r"localizer|localiser|scout|survey|\bloc\b|3.?plane|calibration|\bcal\b|asset|refscan", re.I)
+EXCLUDE = re.compile(r"localizer|localiser|scout|survey|\bloc\b|3.?plane|calibration|\bcal\b|asset|refscan|"
+                     r"field.?map|b0.?map|phase", re.I)
 
 
 @dataclass
@@ -38,7 +43,8 @@ def contrast(s: Series) -> tuple[str | None, str]:
     text = f"{s.info.get('SeriesDescription') or ''} {s.info.get('ProtocolName') or ''}".lower()
     for mod, pattern in KEYWORDS:
         if re.search(pattern, text):
-            return mod, f"description/protocol '{text.strip()}' names {mod.upper()}"
+            what = "a contrast that is never a source" if mod == "other" else mod.upper()
+            return mod, f"description/protocol '{text.strip()}' names {what}"
     seq = s.info.get("ScanningSequence") or ""
     seq = " ".join(seq) if isinstance(seq, list) else str(seq)
     tr, te, ti = (_num(s.info.get(k)) for k in ("RepetitionTime", "EchoTime", "InversionTime"))
@@ -73,7 +79,9 @@ def candidates(study: Study) -> tuple[list[Series], list[str]]:
         if s.info.get("Modality") != "MR":
             left.append(f"{s.label()}: modality {s.info.get('Modality')}, not MR")
         elif "LOCALIZER" in image_type or EXCLUDE.search(text):
-            left.append(f"{s.label()}: localizer or calibration")
+            left.append(f"{s.label()}: localizer, calibration or field map")
+        elif {"P", "PHASE"} & set(image_type):
+            left.append(f"{s.label()}: phase image")
         elif "DERIVED" in image_type:
             left.append(f"{s.label()}: derived image")
         elif len(s.files) < 3 and int(s.info.get("NumberOfFrames") or 1) < 3:
@@ -98,7 +106,8 @@ def choose(study: Study, modality: str, pattern: str | None = None) -> Choice:
     keep, left = candidates(study)
     readings = [(s, *contrast(s)) for s in keep]
     listing = [f"{s.label()}: {mod or 'unknown'} ({why})" for s, mod, why in readings] + left
-    hits = [(s, why) for s, mod, why in readings if mod == modality]
+    named = [(s, why) for s, mod, why in readings if mod == modality and why.startswith("description")]
+    hits = named or [(s, why) for s, mod, why in readings if mod == modality]
     if len(hits) == 1:
         return Choice(hits[0][0], hits[0][1], listing)
     what = f"no clear {modality.upper()} series" if not hits else f"{len(hits)} series read as {modality.upper()}"
