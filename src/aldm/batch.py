@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import queue
@@ -97,7 +98,7 @@ def discover(source: Path, source_modality: str = "t1", *, source_series: str | 
     name = source.name.lower()
     if source.is_file() and name.endswith(ARCHIVES):
         try:
-            return _archive_cases(source) + _dicom_cases(source, source_modality, source_series, limits)
+            return _archive_cases(source, source_modality, source_series, limits or ArchiveLimits())
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, RuntimeError) as exc:
             raise AldmError(f"{source}: unreadable archive ({describe(exc)})") from None
     if source.is_file() and name.endswith((".txt", ".csv")):
@@ -108,35 +109,17 @@ def discover(source: Path, source_modality: str = "t1", *, source_series: str | 
     raise UsageError(f"{source}: expected a folder, a .txt/.csv list or a .zip/.tar(.gz) archive")
 
 
-def _dicom_cases(source: Path, modality: str, pattern: str | None, limits=None) -> list[Case]:
-    """The DICOM studies of a folder or archive, one case each; [] when it holds no DICOM (and
-    pydicom, the extra `dicom`, is then not needed)."""
-    from aldm.dicom.index import is_dicom_bytes, is_dicom_file
+def _dicom_cases(source: Path, modality: str, pattern: str | None) -> list[Case]:
+    """The DICOM studies of a folder, one case each; [] when it holds no DICOM (and pydicom, the
+    extra `dicom`, is then not needed)."""
+    from aldm.dicom.index import is_dicom_file
 
-    if source.is_dir() and not any(is_dicom_file(p) for p in source.rglob("*") if p.is_file() and not _is_nifti(p.name)):
+    if not any(is_dicom_file(p) for p in source.rglob("*") if p.is_file() and not _is_nifti(p.name)):
         return []
-    if source.is_file() and not _archive_has_dicom(source, is_dicom_bytes):
-        return []
+    from aldm.dicom.index import index_folder
     from aldm.dicom.source import study_cases
 
-    return study_cases(source, modality, pattern, limits or ArchiveLimits())
-
-
-def _archive_has_dicom(archive: Path, is_dicom_bytes) -> bool:
-    """Whether any member of an archive starts like a DICOM file (a cheap look before the index)."""
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                if not info.is_dir() and not _is_nifti(info.filename) and not info.flag_bits & 0x1:
-                    with z.open(info) as f:
-                        if is_dicom_bytes(f.read(132)):
-                            return True
-        return False
-    with tarfile.open(archive, "r|*") as t:
-        for m in t:
-            if m.isfile() and not _is_nifti(m.name) and is_dicom_bytes(t.extractfile(m).read(132)):
-                return True
-    return False
+    return study_cases(index_folder(source), source, modality, pattern)
 
 
 def _folder_cases(root: Path) -> list[Case]:
@@ -186,24 +169,44 @@ def _list_cases(listing: Path) -> list[Case]:
     return cases
 
 
-def _archive_cases(archive: Path) -> list[Case]:
-    cases = []
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                if info.is_dir() or not _is_nifti(info.filename):
-                    continue
-                case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
-                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                case.refused = ("link" if is_link else "encrypted member (password-protected zip)"
-                                if info.flag_bits & 0x1 else _unsafe(info.filename))
-                if not case.refused:
-                    case.rel_dir = _parent(info.filename)
-                cases.append(case)
-        return cases
-    with tarfile.open(archive) as t:
-        for m in t.getmembers():
-            if m.isdir() or not _is_nifti(m.name):
+def _archive_cases(archive: Path, modality: str = "t1", pattern: str | None = None,
+                   limits: ArchiveLimits = ArchiveLimits()) -> list[Case]:
+    """NIfTI members as cases, DICOM members' headers into one index whose studies are cases too:
+    the archive is listed in a single pass (each DICOM member read once, within `limits`, and
+    dropped once its header is indexed)."""
+    from aldm.dicom.index import PREAMBLE, Index, build, is_dicom_bytes
+
+    cases: list[Case] = []
+
+    def dicom(name: str, f, size: int):
+        head = f.read(PREAMBLE)
+        if is_dicom_bytes(head) and size <= limits.member_bytes:
+            yield name, io.BytesIO(head + f.read())
+
+    def zip_members(z: zipfile.ZipFile):
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+            if not _is_nifti(info.filename):
+                if not (is_link or info.flag_bits & 0x1 or _unsafe(info.filename) or _bomb(info, limits)):
+                    with z.open(info) as f:
+                        yield from dicom(info.filename, f, info.file_size)
+                continue
+            case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
+            case.refused = ("link" if is_link else "encrypted member (password-protected zip)"
+                            if info.flag_bits & 0x1 else _unsafe(info.filename))
+            if not case.refused:
+                case.rel_dir = _parent(info.filename)
+            cases.append(case)
+
+    def tar_members(t: tarfile.TarFile):
+        for m in t:
+            if m.isdir():
+                continue
+            if not _is_nifti(m.name):
+                if m.isfile() and not _unsafe(m.name):
+                    yield from dicom(m.name, t.extractfile(m), m.size)
                 continue
             case = Case(m.name, "", PurePosixPath(m.name).name, member=m.name)
             case.refused = "link" if (m.issym() or m.islnk()) else (
@@ -211,7 +214,29 @@ def _archive_cases(archive: Path) -> list[Case]:
             if not case.refused:
                 case.rel_dir = _parent(m.name)
             cases.append(case)
+
+    index = Index()
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            index = _index_dicom(zip_members(z), build)
+    else:
+        with tarfile.open(archive) as t:
+            index = _index_dicom(tar_members(t), build)
+    if index:
+        from aldm.dicom.source import study_cases
+
+        cases += study_cases(index, None, modality, pattern)
     return cases
+
+
+def _index_dicom(entries, build):
+    """Index the DICOM entries; pydicom (extra `dicom`) is imported only if there is one."""
+    first = next(entries, None)
+    if first is None:
+        from aldm.dicom.index import Index
+
+        return Index()
+    return build(itertools.chain([first], entries))
 
 
 def _bomb(info: zipfile.ZipInfo, limits: ArchiveLimits) -> str | None:

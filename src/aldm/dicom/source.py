@@ -76,16 +76,13 @@ def local_files(files: list[str], archive=None) -> Iterator[list[str]]:
         yield local
 
 
-def study_cases(source: Path, modality: str, pattern: str | None, limits) -> list:
-    """One batch case per study of a folder or archive (indexed in one pass, nothing extracted):
-    its chosen series, or the reason none can be chosen. Output folder: the series' folder in
-    the input; output names: the series' sanitised description, else its UID."""
+def study_cases(index: Index, root: Path | None, modality: str, pattern: str | None) -> list:
+    """One batch case per study of an index (a folder's, `root`; or an archive's, None): its
+    chosen series, or the reason none can be chosen. Output folder: the series' folder in the
+    input; output names: the series' sanitised description, else its UID."""
     from pathlib import PurePosixPath
 
     from aldm.batch import Case
-
-    index = index_input(source, limits)
-    root = source if source.is_dir() else None
 
     def rel(name: str) -> str:
         return Path(name).resolve().relative_to(root.resolve()).as_posix() if root else name
