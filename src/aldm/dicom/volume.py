@@ -67,8 +67,8 @@ def slices_of(ds, file: str) -> list[Slice]:
                              "spacing; it cannot be stacked into a volume")
         slope = _frame_value(ds, i, "PixelValueTransformationSequence", "RescaleSlope")
         inter = _frame_value(ds, i, "PixelValueTransformationSequence", "RescaleIntercept")
-        varies = {k: _frame_value(ds, i, "MREchoSequence", "EffectiveEchoTime") for k in ("echo time",)}
-        varies["temporal position"] = _frame_value(ds, i, "FrameContentSequence", "TemporalPositionIndex")
+        varies = {"echo time": _frame_value(ds, i, "MREchoSequence", "EffectiveEchoTime"),
+                  "temporal position": _frame_value(ds, i, "FrameContentSequence", "TemporalPositionIndex")}
         out.append(Slice(_vec(pos, 3, file, "position"), _vec(ori, 6, file, "orientation"),
                          _vec(spacing, 2, file, "pixel spacing"), float(slope if slope is not None else 1),
                          float(inter if inter is not None else 0), file, i, ds, varies))
