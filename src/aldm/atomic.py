@@ -70,6 +70,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces `path` (each file fsynced, then one
+    rename), on any failure it is removed: a folder of outputs (a DICOM series) is whole or absent."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            if not overwrite:
+                raise AldmError(f"{path} exists; pass --overwrite to replace it")
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -86,8 +113,13 @@ def clean_partials(folder: str | Path) -> int:
     """Remove temporary files a killed run left under `folder` (never a final name)."""
     folder, n = Path(folder), 0
     if folder.is_dir():
-        for p in folder.rglob(PARTIAL_GLOB):
+        for p in sorted(folder.rglob(PARTIAL_GLOB)):
             if p.is_file() and not p.is_symlink():
                 p.unlink(missing_ok=True)
+                n += 1
+            elif p.is_dir() and not p.is_symlink():  # an unfinished atomic_dir
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
                 n += 1
     return n

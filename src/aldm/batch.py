@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import queue
@@ -58,6 +59,7 @@ class Case:
     path: Path | None = None  # a local file
     member: str | None = None  # an archive member
     refused: str | None = None  # why the entry is not processed at all
+    dicom: object | None = None  # a DICOM study's chosen series (aldm.dicom.source.DicomSeries)
 
 
 @dataclass
@@ -87,22 +89,37 @@ def _unsafe(rel: str) -> str | None:
     return None
 
 
-def discover(source: Path, source_modality: str = "t1") -> list[Case]:
-    """Every case of a batch input, refused entries included (with their reason)."""
+def discover(source: Path, source_modality: str = "t1", *, source_series: str | None = None,
+             limits: ArchiveLimits | None = None) -> list[Case]:
+    """Every case of a batch input, refused entries included (with their reason). NIfTI files
+    are cases; so is each DICOM study (its source series chosen here, from the headers alone)."""
     if not source.exists():
         raise UsageError(f"{source}: no such file or folder")
     name = source.name.lower()
     if source.is_file() and name.endswith(ARCHIVES):
         try:
-            return _archive_cases(source)
+            return _archive_cases(source, source_modality, source_series, limits or ArchiveLimits())
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, RuntimeError) as exc:
             raise AldmError(f"{source}: unreadable archive ({describe(exc)})") from None
     if source.is_file() and name.endswith((".txt", ".csv")):
         return _list_cases(source)
     if source.is_dir():
         brats = _brats_cases(source, source_modality)
-        return brats if brats else _folder_cases(source)
+        return brats if brats else _folder_cases(source) + _dicom_cases(source, source_modality, source_series)
     raise UsageError(f"{source}: expected a folder, a .txt/.csv list or a .zip/.tar(.gz) archive")
+
+
+def _dicom_cases(source: Path, modality: str, pattern: str | None) -> list[Case]:
+    """The DICOM studies of a folder, one case each; [] when it holds no DICOM (and pydicom, the
+    extra `dicom`, is then not needed)."""
+    from aldm.dicom.index import is_dicom_file
+
+    if not any(is_dicom_file(p) for p in source.rglob("*") if p.is_file() and not _is_nifti(p.name)):
+        return []
+    from aldm.dicom.index import index_folder
+    from aldm.dicom.source import study_cases
+
+    return study_cases(index_folder(source), source, modality, pattern)
 
 
 def _folder_cases(root: Path) -> list[Case]:
@@ -152,24 +169,44 @@ def _list_cases(listing: Path) -> list[Case]:
     return cases
 
 
-def _archive_cases(archive: Path) -> list[Case]:
-    cases = []
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                if info.is_dir() or not _is_nifti(info.filename):
-                    continue
-                case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
-                is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-                case.refused = ("link" if is_link else "encrypted member (password-protected zip)"
-                                if info.flag_bits & 0x1 else _unsafe(info.filename))
-                if not case.refused:
-                    case.rel_dir = _parent(info.filename)
-                cases.append(case)
-        return cases
-    with tarfile.open(archive) as t:
-        for m in t.getmembers():
-            if m.isdir() or not _is_nifti(m.name):
+def _archive_cases(archive: Path, modality: str = "t1", pattern: str | None = None,
+                   limits: ArchiveLimits = ArchiveLimits()) -> list[Case]:
+    """NIfTI members as cases, DICOM members' headers into one index whose studies are cases too:
+    the archive is listed in a single pass (each DICOM member read once, within `limits`, and
+    dropped once its header is indexed)."""
+    from aldm.dicom.index import PREAMBLE, Index, build, is_dicom_bytes
+
+    cases: list[Case] = []
+
+    def dicom(name: str, f, size: int):
+        head = f.read(PREAMBLE)
+        if is_dicom_bytes(head) and size <= limits.member_bytes:
+            yield name, io.BytesIO(head + f.read())
+
+    def zip_members(z: zipfile.ZipFile):
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+            if not _is_nifti(info.filename):
+                if not (is_link or info.flag_bits & 0x1 or _unsafe(info.filename) or _bomb(info, limits)):
+                    with z.open(info) as f:
+                        yield from dicom(info.filename, f, info.file_size)
+                continue
+            case = Case(info.filename, "", PurePosixPath(info.filename).name, member=info.filename)
+            case.refused = ("link" if is_link else "encrypted member (password-protected zip)"
+                            if info.flag_bits & 0x1 else _unsafe(info.filename))
+            if not case.refused:
+                case.rel_dir = _parent(info.filename)
+            cases.append(case)
+
+    def tar_members(t: tarfile.TarFile):
+        for m in t:
+            if m.isdir():
+                continue
+            if not _is_nifti(m.name):
+                if m.isfile() and not _unsafe(m.name):
+                    yield from dicom(m.name, t.extractfile(m), m.size)
                 continue
             case = Case(m.name, "", PurePosixPath(m.name).name, member=m.name)
             case.refused = "link" if (m.issym() or m.islnk()) else (
@@ -177,7 +214,29 @@ def _archive_cases(archive: Path) -> list[Case]:
             if not case.refused:
                 case.rel_dir = _parent(m.name)
             cases.append(case)
+
+    index = Index()
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            index = _index_dicom(zip_members(z), build)
+    else:
+        with tarfile.open(archive) as t:
+            index = _index_dicom(tar_members(t), build)
+    if index:
+        from aldm.dicom.source import study_cases
+
+        cases += study_cases(index, None, modality, pattern)
     return cases
+
+
+def _index_dicom(entries, build):
+    """Index the DICOM entries; pydicom (extra `dicom`) is imported only if there is one."""
+    first = next(entries, None)
+    if first is None:
+        from aldm.dicom.index import Index
+
+        return Index()
+    return build(itertools.chain([first], entries))
 
 
 def _bomb(info: zipfile.ZipInfo, limits: ArchiveLimits) -> str | None:
@@ -333,8 +392,13 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
                     return None
             t0 = time.perf_counter()
             d.mkdir(parents=True, exist_ok=True)
-            with materialize(case, archive) as local:
-                vol, prep = translator.load(local)
+            if case.dicom is not None:
+                in_archive = source.is_file() and source.name.lower().endswith(ARCHIVES)
+                vol, prep = translator.load_dicom(case.dicom, Path(f"{source}!" if in_archive else source) / case.rel_dir,
+                                                  archive if in_archive else None)
+            else:
+                with materialize(case, archive) as local:
+                    vol, prep = translator.load(local)
             if case.member is not None:
                 vol.path = Path(f"{source}!/{case.member}")
             return case, paths, vol, prep, time.perf_counter() - t0, why
@@ -360,7 +424,8 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
             case, paths, vol, prep, tr, seed, read_s, compute_s, why = item
             try:
                 res = translator.write(vol, prep, tr, paths, seed, {"read": read_s, "compute": compute_s})
-                record(Record(case.id, "done", _redone(why), [str(p) for p in res.outputs.values()], seed,
+                said = "; ".join(x for x in (_redone(why), vol.dicom.summary() if vol.dicom else "") if x)
+                record(Record(case.id, "done", said, [str(p) for p in res.outputs.values()], seed,
                               read_s, compute_s, res.timings["write"]), case)
             except Exception as exc:
                 record(Record(case.id, "failed", describe(exc), seed=seed), case)

@@ -23,7 +23,7 @@ import numpy as np
 import aldm
 from aldm.atomic import write_text
 from aldm.errors import AldmError, InputError, ModelError, UsageError
-from aldm.nifti import MAX_VOXELS, Volume, load_volume, save_like, sidecar_path, stem
+from aldm.nifti import MAX_VOXELS, Volume, is_nifti, load_volume, save_like, sidecar_path, stem
 from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
 from aldm.runtime.manifest import MANIFEST, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
@@ -86,6 +86,8 @@ class Options:
     max_voxels: int = MAX_VOXELS  # sources whose header declares more are refused unread
     skull_check: bool = True  # refuse sources that do not look skull-stripped (see aldm.skullcheck)
     skull_strip: bool = False  # extract the brain first (ROBEX, extra `skullstrip`); writes the mask
+    source_series: str | None = None  # DICOM: SeriesDescription pattern of the source series
+    dicom_out: bool = False  # DICOM sources: also write a derived MR series per target
 
 
 def check_options(options: Options, modalities=aldm.MODALITIES) -> None:
@@ -122,6 +124,7 @@ class CaseResult:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     preview: Path | None = None
+    dicom: str = ""  # a DICOM source: which series, and why
 
 
 class Translator:
@@ -175,6 +178,8 @@ class Translator:
             "targets": list(o.targets),
             "source_modality": o.source_modality,
             "skull_strip": o.skull_strip and SKULL_STRIP_METHOD,
+            "source_series": o.source_series,
+            "dicom_out": o.dicom_out,
         }
 
     # ------------------------------------------------------------------------------ naming
@@ -212,6 +217,9 @@ class Translator:
                 return False, "settings changed: " + self._changed(doc.get("settings"))
             if not bytes_ok:
                 return False, f"{path.name} differs from the bytes its sidecar recorded"
+            series = (doc.get("dicom_out") or {}).get("folder")
+            if series and not (path.parent / series).is_dir():
+                return False, f"DICOM series {series} missing"
         return True, "complete outputs with the same settings exist"
 
     def _changed(self, old) -> str:
@@ -231,7 +239,19 @@ class Translator:
         return (self.options.seed * 1_000_003 + zlib.crc32(case_id.encode())) % 2**31
 
     def load(self, source: Path) -> tuple[Volume, Prepared]:
-        vol = load_volume(source, max_voxels=self.options.max_voxels)
+        return self.prepare(load_volume(source, max_voxels=self.options.max_voxels))
+
+    def load_dicom(self, chosen, where: Path, archive=None, index=None) -> tuple[Volume, Prepared]:
+        """A DICOM series chosen from its study's headers (`aldm.dicom.source`), read and prepared;
+        `archive`: the ArchiveReader its files are members of."""
+        from aldm.dicom.source import load, local_files
+
+        with local_files(chosen.series.files, archive) as files:
+            vol = load(chosen, files, str(where), index, max_voxels=self.options.max_voxels)
+        return self.prepare(vol)
+
+    def prepare(self, vol: Volume) -> tuple[Volume, Prepared]:
+        """Skull strip (optional), skull check, preprocess."""
         if self.options.skull_strip:
             from aldm.skullstrip import brain_mask
 
@@ -259,12 +279,23 @@ class Translator:
               timings: dict[str, float]) -> CaseResult:
         t0 = time.perf_counter()
         foreground = vol.data > 0
-        outputs, sidecars = {}, {}
+        outputs, sidecars, written_dirs, arrays = {}, {}, [], {}
         try:  # a case is written whole or not at all: a failure removes what this call wrote
             for target, path in paths.items():
                 out = invert(tr.volumes[target][0, 0], prep.record, intensity=self.options.intensity)
                 out = np.where(foreground, out, np.float32(0))
+                arrays[target] = out
                 outputs[target] = save_like(vol, out, path, f"aldm {target} from {vol.path.name}")
+            series = {}
+            if self.options.dicom_out and vol.dicom is not None:  # a derived series per target
+                from aldm.dicom.write import write_derived
+
+                for target, path in paths.items():
+                    folder, uid = write_derived(arrays[target], vol.dicom, path.parent / f"{stem(path)}_dicom", target=target,
+                                                aldm_version=aldm.__version__, model_sha256=self.manifest_sha256,
+                                                overwrite=self.options.overwrite)
+                    series[target] = {"folder": folder.name, "series_instance_uid": uid}
+                    written_dirs.append(folder)
             if vol.brain_mask is not None:  # --skull-strip: the mask the outputs were cut with
                 d = next(iter(paths.values())).parent
                 outputs["brainmask"] = save_like(vol, vol.brain_mask.astype(np.float32),
@@ -274,11 +305,17 @@ class Translator:
             timings["total"] = sum(v for k, v in timings.items() if k != "total")
             for t, p in outputs.items():
                 if t != "brainmask":
-                    sidecars[t] = self._write_sidecar(p, vol, t, seed, tr, prep, timings)
+                    sidecars[t] = self._write_sidecar(p, vol, t, seed, tr, prep, timings, series.get(t))
         except BaseException:
+            import shutil
+
             for p in list(outputs.values()) + list(sidecars.values()):
                 p.unlink(missing_ok=True)
+            for d in written_dirs:
+                shutil.rmtree(d, ignore_errors=True)
             raise
+        for t, d in zip(series, written_dirs):
+            outputs[f"{t}_dicom"] = d
         preview_path = None
         if self.options.preview:
             from aldm.preview import label, preview
@@ -288,23 +325,46 @@ class Translator:
             first = next(iter(outputs.values()))
             preview_path = preview(first.parent / f"{stem(vol.path)}_preview.png", views,
                                    title=f"{vol.path.name}: aldm synthetic, not for diagnosis")
-        return CaseResult(vol.path, outputs, sidecars, timings, prep.warnings, preview_path)
+        return CaseResult(vol.path, outputs, sidecars, timings, prep.warnings, preview_path,
+                          vol.dicom.summary() if vol.dicom is not None else "")
 
     def run(self, source: str | Path, *, callback=None,
             on_stage: Callable[[str], None] | None = None, case_id: str | None = None) -> CaseResult:
         """One source, start to finish. `case_id` (default: the file name) keys the seed, as a
         batch keys it by the case's path inside its input."""
         source = Path(source)
-        paths = self.output_paths(source)
-        self.check_writable(paths)
+        if not source.exists():
+            raise InputError(f"{source}: no such file")
+        dicom = None
+        if not is_nifti(source):
+            from aldm.dicom.index import looks_dicom
+
+            dicom = looks_dicom(source)
         t0 = time.perf_counter()
-        vol, prep = self.load(source)
+        if dicom:  # a series folder, a study, a .dcm file or an archive of them: one series is chosen
+            from aldm.batch import ARCHIVES, ArchiveReader
+            from aldm.dicom.source import open_input
+
+            index, chosen = open_input(source, self.options.source_modality, self.options.source_series)
+            paths = self.output_paths(source, name=chosen.series.name())
+            self.check_writable(paths)
+            archive = ArchiveReader(source) if source.name.lower().endswith(ARCHIVES) else None
+            try:
+                vol, prep = self.load_dicom(chosen, source, archive, index)
+            finally:
+                if archive is not None:
+                    archive.close()
+        else:
+            paths = self.output_paths(source)
+            self.check_writable(paths)
+            vol, prep = self.load(source)
         t_load = time.perf_counter() - t0
         seed = self.seed_for(case_id or source.name)
         tr = self.compute(prep, seed, callback=callback, on_stage=on_stage)
         return self.write(vol, prep, tr, paths, seed, {"load_preprocess": t_load, **tr.timings})
 
-    def _write_sidecar(self, output: Path, vol: Volume, target: str, seed: int, tr, prep, timings) -> Path:
+    def _write_sidecar(self, output: Path, vol: Volume, target: str, seed: int, tr, prep, timings,
+                       series: dict | None = None) -> Path:
         m = self.pipeline.manifest
         doc = {
             "aldm_version": aldm.__version__,
@@ -329,4 +389,8 @@ class Translator:
             "settings_digest": self.settings_digest,
             "settings": self.settings,
         }
+        if vol.dicom is not None:
+            doc["dicom_source"] = vol.dicom.record()
+        if series:
+            doc["dicom_out"] = series
         return write_text(self.sidecar_path(output), json.dumps(doc, indent=1))

@@ -28,6 +28,7 @@ class Volume:
     header: object  # nibabel Nifti1Header / Nifti2Header
     shape: tuple[int, ...]  # the file's shape (a singleton 4th axis included)
     brain_mask: np.ndarray | None = None  # set by --skull-strip: data outside it was zeroed
+    dicom: object | None = None  # aldm.dicom.source.DicomSeries when read from a DICOM series
 
 
 def is_nifti(path: Path) -> bool:

@@ -17,7 +17,10 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
     from aldm import batch as B
 
     limits = limits or B.ArchiveLimits()
-    cases, journal = start_batch(source, out, translator.options.source_modality, quiet)
+    cases, journal = start_batch(source, out, translator.options.source_modality, quiet,
+                                 source_series=translator.options.source_series, limits=limits)
+    if ray is not None and any(c.dicom is not None for c in cases):
+        fail("--ray does not take DICOM inputs yet; run the batch without --ray", 2)
     stop = threading.Event()
     bar, task = _bar(quiet, len(cases))
 
@@ -59,17 +62,18 @@ def run_batch(translator, source: Path, out: Path, *, prefetch: int, ray: str | 
     return B.exit_code(records)
 
 
-def start_batch(source: Path, out: Path, source_modality: str, quiet: bool):
+def start_batch(source: Path, out: Path, source_modality: str, quiet: bool, *, source_series: str | None = None,
+                limits=None):
     """(cases, journal): the cases of a batch input, its output folder made and cleared of the
     temporary files an interrupted run left. Exits with a one-line error when there is nothing to do."""
     from aldm import batch as B
 
     try:
-        cases = B.discover(source, source_modality)
+        cases = B.discover(source, source_modality, source_series=source_series, limits=limits)
     except AldmError as exc:
         fail(str(exc), exc.exit_code)
     if not cases:
-        fail(f"{source}: no NIfTI volumes found", 2)
+        fail(f"{source}: no NIfTI volumes or DICOM series found", 2)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=F
 @app.command()
 def infer(
     ctx: typer.Context,
-    sources: Annotated[Optional[list[Path]], typer.Argument(help="Source NIfTI volumes (.nii / .nii.gz), any orientation, spacing and dtype.", show_default=False)] = None,
+    sources: Annotated[Optional[list[Path]], typer.Argument(help="Source NIfTI volumes (.nii / .nii.gz), any orientation, spacing and dtype; or DICOM: a series folder, a study folder, a .dcm file or a .zip/.tar(.gz) of one study (pip install 'aldm\\[dicom]').", show_default=False)] = None,
     targets: Annotated[Optional[str], typer.Option(help="Comma-separated targets from t1, t1ce, t2, flair. Default: every modality but the source's.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Exported model folder. Default: the model bundled with aldm.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: next to each source.")] = None,
@@ -30,7 +30,9 @@ def infer(
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed reproduces the same output. Default: a fresh seed, recorded in the sidecar.")] = None,
     backend: Annotated[str, typer.Option(help="auto (TensorRT > ONNX Runtime CUDA > OpenVINO CPU > ONNX Runtime CPU: the fastest that is here), ort-cpu, ort-cuda, ov-cpu, trt, torch (needs the source checkpoint). ov-cpu is OpenVINO on the CPU: faster than ort-cpu on these graphs, FP32 like it, and what auto picks on a CPU when openvino is installed (it is by default); --backend ort-cpu forces ONNX Runtime.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for ONNX Runtime or OpenVINO. Default: all cores.")] = None,
-    source_modality: Annotated[str, typer.Option(help="Modality of the sources (a target may not equal it).")] = "t1",
+    source_modality: Annotated[str, typer.Option(help="Modality of the sources (a target may not equal it). DICOM studies: the series of this contrast is the source (README: selection rules).")] = "t1",
+    source_series: Annotated[Optional[str], typer.Option(help="DICOM: the source series, by SeriesDescription (case-insensitive; a shell pattern with * ? [ ], else a substring), or its exact SeriesNumber or SeriesInstanceUID; exactly one series of each study must match. Default: the series of --source-modality by the selection rules.")] = None,
+    dicom_out: Annotated[bool, typer.Option("--dicom-out", help="DICOM sources: also write each target as a derived MR series (<stem>_<target>_dicom/, one file per slice) that a viewer opens over the source: same study, frame of reference and slice geometry, new UIDs, Synthetic Data YES, marked not for diagnosis.")] = False,
     naming: Annotated[str, typer.Option(help="stem: <stem>_<target>.nii.gz; brasyn: <ID>-<t1n|t1c|t2w|t2f>.nii.gz.")] = "stem",
     intensity: Annotated[str, typer.Option(help="unit: float32 in [0, 1]; source: mapped to the source's 0.5-99.5 percentile range.")] = "unit",
     decode_batch: Annotated[int, typer.Option(help="Volumes decoded at once: higher is faster on big GPUs, lower needs less memory (~6 GB per volume on CPU at 144x192x144).")] = 1,
@@ -48,7 +50,7 @@ def infer(
     max_voxels: Annotated[int, typer.Option(help="Refuse a source whose header declares more voxels, before reading its data (a corrupt or hostile header can claim any size).")] = 1024**3,
     max_member_mb: Annotated[int, typer.Option(help="Batch archives: refuse a member larger than this once extracted.")] = 4096,
     max_extract_gb: Annotated[int, typer.Option(help="Batch archives: stop extracting after this many GB in one batch (zip bombs; members are also refused above a 1000:1 compression ratio).")] = 1024,
-    server: Annotated[Optional[str], typer.Option(help="Send every source (or --batch case) to an `aldm serve` server at this URL, e.g. http://127.0.0.1:8080, instead of computing here: same outputs, names, sidecars, report and exit codes, made with the server's model and backend (so --model, --backend, --threads, --decode-batch, --tile-rows, --preview, --skull-strip, --ray, --ray-address, --workers and --max-voxels are refused). 429/503 answers are retried after their Retry-After. Default: compute locally.")] = None,
+    server: Annotated[Optional[str], typer.Option(help="Send every source (or --batch case) to an `aldm serve` server at this URL, e.g. http://127.0.0.1:8080, instead of computing here: same outputs, names, sidecars, report and exit codes, made with the server's model and backend (so --model, --backend, --threads, --decode-batch, --tile-rows, --preview, --skull-strip, --ray, --ray-address, --workers, --max-voxels, --source-series and --dicom-out are refused; DICOM inputs are converted locally only). 429/503 answers are retried after their Retry-After. Default: compute locally.")] = None,
     token_file: Annotated[Optional[Path], typer.Option(help="With --server: a file holding the server's bearer token (surrounding whitespace ignored). Default: no token.")] = None,
 ) -> None:
     """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
@@ -69,7 +71,8 @@ def infer(
         fail("--max-voxels, --max-member-mb and --max-extract-gb must be positive", 2)
     opts = Options(tuple(t.lower() for t in target_list), out, steps, eta, seed,
                    source_modality.lower(), naming, intensity, overwrite, preview, strength=strength,
-                   max_voxels=max_voxels, skull_check=not no_skull_check, skull_strip=skull_strip)
+                   max_voxels=max_voxels, skull_check=not no_skull_check, skull_strip=skull_strip,
+                   source_series=source_series, dicom_out=dicom_out)
     if server is not None or token_file is not None:
         from aldm.batch import ArchiveLimits
         from aldm.cli.remote import main as remote
@@ -130,6 +133,8 @@ def infer(
             for w in res.warnings:
                 typer.echo(f"warning: {src.name}: {w}", err=True)
             if not quiet:
+                if res.dicom:
+                    say(f"{src}: {res.dicom}")
                 outs = ", ".join(str(p) for p in res.outputs.values())
                 say(f"{src} -> {outs} ({res.timings['total']:.1f} s)")
     if failed:

@@ -25,7 +25,7 @@ from aldm.errors import AldmError, ServerError, ServerUnreachable, describe, one
 LOCAL_ONLY = {"model": "--model", "backend": "--backend", "threads": "--threads",
               "decode_batch": "--decode-batch", "tile_rows": "--tile-rows", "preview": "--preview", "skull_strip": "--skull-strip",
               "ray": "--ray", "ray_address": "--ray-address", "workers": "--workers",
-              "max_voxels": "--max-voxels"}
+              "max_voxels": "--max-voxels", "source_series": "--source-series", "dicom_out": "--dicom-out"}
 
 
 def main(ctx: typer.Context, server: str | None, token_file: Path | None, opts, sources, batch: Path | None,
@@ -221,6 +221,8 @@ def run_batch(client, source: Path, out: Path, opts, *, jobs: int, quiet: bool, 
     from aldm.infer import output_names
 
     cases, journal = start_batch(source, out, opts.source_modality, quiet)
+    if any(c.dicom is not None for c in cases):
+        fail("--server takes NIfTI sources only; convert DICOM inputs locally (without --server)", 2)
     stop = threading.Event()
     fatal: list[str] = []  # the server went away or refused the token: the other cases are not sent
     bar, task = _bar(quiet, len(cases))
