@@ -70,6 +70,7 @@ class Record:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    source: str = ""  # where the case was read from (a file, or archive!/member)
 
 
 # ------------------------------------------------------------------------------ discovery
@@ -470,24 +471,37 @@ def write_report(records: list[Record], summary: dict, out: Path, prefix: str = 
 
 class Journal:
     """The batch report, rewritten (temp file + rename) as each case finishes, so a `kill -9`
-    leaves a report of every case done so far; `finish` adds the final summary."""
+    leaves a report of every case done so far; `finish` adds the final summary. Each finished
+    case gets its thumbnail first, then the HTML page, then the JSON/CSV: the page lists every
+    case the JSON does."""
 
-    def __init__(self, out: Path, cases: list[Case]):
+    def __init__(self, out: Path, cases: list[Case], source: Path | None = None):
         self.out, self.order, self.t0 = out, [c.id for c in cases], time.perf_counter()
+        self.sources = {c.id: str(c.path) if c.path is not None else f"{source}!/{c.member}" for c in cases}
         self.records: dict[str, Record] = {}
+        self.views: dict = {}  # case id -> report_html.CaseView
         self.lock = threading.Lock()
 
     def add(self, rec: Record) -> None:
+        from aldm.report_html import case_view
+
+        rec.source = rec.source or self.sources.get(rec.id, "")
+        view = case_view(self.out, rec, fresh=rec.status == "done") if rec.status in ("done", "skipped") else None
         with self.lock:
             self.records[rec.id] = rec
+            if view is not None:
+                self.views[rec.id] = view
             self._write(finished=False)
 
     def ordered(self) -> list[Record]:
         return [self.records[i] for i in self.order if i in self.records]
 
     def _write(self, finished: bool) -> tuple[dict, Path, Path]:
+        from aldm.report_html import write_html
+
         records = self.ordered()
         summary = summarise(records, time.perf_counter() - self.t0) | {"finished": finished}
+        write_html(self.out, records, self.views, summary)
         return (summary, *write_report(records, summary, self.out))
 
     def finish(self) -> tuple[dict, Path, Path]:
