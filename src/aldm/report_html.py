@@ -145,9 +145,13 @@ def _failures(records, sources: dict) -> str:
     bad = [r for r in records if r.status == "failed"]
     if not bad:
         return "<h2 id=failures>Failures: none</h2>"
-    items = "".join(f"<li><b>{_h(r.id)}</b>: {_h(r.reason)}<br><code>{_h(sources.get(r.id, ''))}</code></li>"
+    items = "".join(f"<li><b>{_h(r.id)}</b>: {_h(r.reason)}{_source(r.id, sources.get(r.id, ''))}</li>"
                     for r in bad)
     return f"<h2 id=failures>Failures: {len(bad)}</h2><ol class=failures>{items}</ol>"
+
+
+def _source(case_id: str, source: str) -> str:
+    return f"<br><code>{_h(source)}</code>" if source and source != case_id else ""
 
 
 def _row(r, view: CaseView | None, source: str) -> str:
@@ -158,10 +162,10 @@ def _row(r, view: CaseView | None, source: str) -> str:
     warn = "".join(f"<li>{_h(w)}</li>" for w in view.warnings)
     total = r.read_s + r.compute_s + r.write_s
     return (f'<tr class="{_h(r.status)}" data-status="{_h(r.status)}" data-id="{_h(r.id)}" data-total="{total:.3f}">'
-            f"<td><b>{_h(r.id)}</b><br><code>{_h(source)}</code></td>"
+            f"<td><b>{_h(r.id)}</b>{_source(r.id, source)}</td>"
             f"<td><span class=st>{_h(r.status)}</span><br>{_h(r.reason)}</td>"
             f"<td>{img}<br>{_h(view.note)}</td><td><ul>{warn}</ul></td>"
-            f"<td>read {r.read_s:.1f} s<br>compute {r.compute_s:.1f} s<br>write {r.write_s:.1f} s</td>"
+            f"<td class=t>read {r.read_s:.1f} s<br>compute {r.compute_s:.1f} s<br>write {r.write_s:.1f} s</td>"
             f"<td>{files}</td></tr>")
 
 
@@ -169,7 +173,7 @@ STYLE = """body{font:14px sans-serif;margin:1em;background:#fff;color:#111}table
 td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}code{font-size:12px;word-break:break-all}
 table.summary th{background:#eee}.failed .st,.failures b{color:#b00}.interrupted .st{color:#a60}
 .done .st{color:#070}.skipped .st{color:#057}img{display:block;width:262px;height:auto;background:#000}
-th[data-key]{cursor:pointer;background:#eee}ul{margin:0;padding-left:1.2em}button.on{font-weight:bold}"""
+td.t{white-space:nowrap}th[data-key]{cursor:pointer;background:#eee}ul{margin:0;padding-left:1.2em}button.on{font-weight:bold}"""
 
 # Sort by a column (click its head) and filter by status (buttons): plain DOM, no framework.
 SCRIPT = """const tb=document.querySelector('#cases tbody');
@@ -207,7 +211,7 @@ def render(title: str, records, views: dict, summary: dict, sources: dict) -> st
 def write_html(out: Path, records, views: dict, summary: dict, sources: dict | None = None) -> Path:
     """Write `out/aldm_report.html` atomically; `sources`: case id -> where it was read from."""
     sources = sources or {r.id: getattr(r, "source", "") for r in records}
-    page = render(f"aldm batch report: {out.resolve().name}", records, views, summary, sources)
+    page = render(f"aldm batch report: {out.resolve()}", records, views, summary, sources)
     return write_text(out / HTML, page)
 
 
