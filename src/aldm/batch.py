@@ -472,8 +472,8 @@ def write_report(records: list[Record], summary: dict, out: Path, prefix: str = 
 class Journal:
     """The batch report, rewritten (temp file + rename) as each case finishes, so a `kill -9`
     leaves a report of every case done so far; `finish` adds the final summary. Each finished
-    case gets its thumbnail first, then the HTML page, then the JSON/CSV: the page lists every
-    case the JSON does."""
+    case gets its thumbnail, then the HTML page is written, then the JSON/CSV: the page lists
+    every case the JSON does."""
 
     def __init__(self, out: Path, cases: list[Case], source: Path | None = None):
         self.out, self.order, self.t0 = out, [c.id for c in cases], time.perf_counter()
@@ -486,9 +486,11 @@ class Journal:
         from aldm.report_html import case_view
 
         rec.source = rec.source or self.sources.get(rec.id, "")
+        with self.lock:  # counted at once: a report written meanwhile (Ctrl-C twice) has the case
+            self.records[rec.id] = rec
+        # its thumbnail, outside the lock (reading volumes takes a while)
         view = case_view(self.out, rec, fresh=rec.status == "done") if rec.status in ("done", "skipped") else None
         with self.lock:
-            self.records[rec.id] = rec
             if view is not None:
                 self.views[rec.id] = view
             self._write(finished=False)
