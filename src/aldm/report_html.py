@@ -10,6 +10,7 @@ inline script sort the table and filter it by status.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -17,14 +18,15 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote
 
-from aldm.atomic import write_text
+from aldm.atomic import write_bytes, write_text
 from aldm.errors import describe
 from aldm.nifti import load_volume, sidecar_path, stem
 from aldm.preview import label
 from aldm.skullcheck import skull_reason
-from aldm.thumbnails import case_thumbnail
+from aldm.thumbnails import thumbnail_bytes
 
 HTML = "aldm_report.html"
 FILES = "aldm_report_files"
@@ -62,9 +64,11 @@ def _sidecar(output: Path) -> dict:
         return {}
 
 
-def case_view(out: Path, rec, *, fresh: bool) -> CaseView:
+def case_view(out: Path, rec, *, fresh: bool, lock=contextlib.nullcontext(),
+              closed: Callable[[], bool] = lambda: False) -> CaseView:
     """The view of a done or skipped case; makes its thumbnail when `fresh` (new outputs) or when
-    none exists yet. Never raises for a thumbnail: the reason goes in `note`."""
+    none exists yet, writing it under `lock` unless `closed()`. Never raises for a thumbnail: the
+    reason goes in `note`."""
     view, targets = CaseView(), {}
     for o in map(Path, rec.outputs):
         doc = _sidecar(o)
@@ -100,9 +104,12 @@ def case_view(out: Path, rec, *, fresh: bool) -> CaseView:
         for t, p in targets.items():
             v = load_volume(p)
             vols[label(t)] = (v.data, v.affine)
-        thumb.parent.mkdir(parents=True, exist_ok=True)
-        case_thumbnail(thumb, vols)
-        view.thumbnail = _rel(thumb, out)
+        data = thumbnail_bytes(vols)
+        with lock:
+            if not closed():
+                thumb.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes(thumb, data)
+                view.thumbnail = _rel(thumb, out)
     except Exception as exc:  # a report problem is never the batch's: say it on the page
         view.note = f"no preview: {describe(exc)}"
     return view

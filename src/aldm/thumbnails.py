@@ -61,9 +61,14 @@ def small_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], px: int 
     return {k: square_pixels(v[box], z, px) for k, (v, z) in turned.items()}
 
 
-def case_thumbnail(path: Path, volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], px: int = PX) -> Path:
-    """Write the labelled thumbnail of one case as a JPEG, atomically. `volumes`: column label ->
-    (data, affine), all on one grid, the source (or else the first output) first."""
+def thumbnail_bytes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], px: int = PX) -> bytes:
+    """The labelled thumbnail of one case, as JPEG bytes. `volumes`: column label -> (data, affine),
+    all on one grid, the source (or else the first output) first."""
     buf = io.BytesIO()
     sheet(small_volumes(volumes, px), gap=2).save(buf, format="JPEG", quality=QUALITY)
-    return write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def case_thumbnail(path: Path, volumes: Mapping[str, tuple[np.ndarray, np.ndarray]], px: int = PX) -> Path:
+    """`thumbnail_bytes` written to `path`, atomically."""
+    return write_bytes(path, thumbnail_bytes(volumes, px))
