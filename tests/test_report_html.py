@@ -288,6 +288,10 @@ def test_rerun_keeps_previews_and_aldm_report_rebuilds_the_page(tiny_export, six
     for r in rebuilt.values():
         with Image.open(out / r["thumbnail"]) as im:
             assert im.format == "JPEG" and im.size[0] > 2 * 96
+    made = {k: (out / r["thumbnail"]).stat().st_mtime_ns for k, r in rebuilt.items()}
+    res = subprocess.run([*ALDM, "report", str(out), "--refresh"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert all((out / r["thumbnail"]).stat().st_mtime_ns > made[k] for k, r in rebuilt.items())  # remade
 
 
 def test_case_warnings_reach_its_row(tiny_export, tmp_path):
