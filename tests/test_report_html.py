@@ -4,7 +4,6 @@ after a `kill -9`, kept by a rerun and rebuilt by `aldm report`."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
