@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,6 +223,8 @@ def test_ray_local_cluster_with_two_workers_matches_the_local_run(tiny_export, f
     assert res.exit_code == 0, res.output
     for p in local.rglob("*_t2.nii.gz"):
         np.testing.assert_allclose(_data(remote / p.relative_to(local)), _data(p), atol=1e-5)
+    page = (remote / "aldm_report.html").read_text()  # the report page, with a thumbnail per case
+    assert page.count('data-status="done"') == 3 and len(re.findall(r'<img src="aldm_report_files/', page)) == 3
 
 
 # ------------------------------------------------------------------------------ issue 15: trust

@@ -72,6 +72,7 @@ class Record:
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    source: str = ""  # where the case was read from (a file, or archive!/member)
 
 
 # ------------------------------------------------------------------------------ discovery
@@ -501,6 +502,23 @@ def _exit_at_once(signum, frame):
     exit_now(130)
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C waits for the block (the report being written), then acts as it would have: an
+    interrupt's exit never leaves a report file half-written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: came.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if came and callable(old):
+        old(signal.SIGINT, came[0])
+
+
 # ------------------------------------------------------------------------------ report
 
 def summarise(records: list[Record], wall_s: float) -> dict:
@@ -535,28 +553,52 @@ def write_report(records: list[Record], summary: dict, out: Path, prefix: str = 
 
 class Journal:
     """The batch report, rewritten (temp file + rename) as each case finishes, so a `kill -9`
-    leaves a report of every case done so far; `finish` adds the final summary."""
+    leaves a report of every case done so far; `finish` adds the final summary. The HTML page is
+    written before the JSON/CSV, so it lists every case they do; a finished case is listed at
+    once and its row gets its thumbnail once that is made."""
 
-    def __init__(self, out: Path, cases: list[Case]):
+    def __init__(self, out: Path, cases: list[Case], source: Path | None = None):
         self.out, self.order, self.t0 = out, [c.id for c in cases], time.perf_counter()
+        self.sources = {c.id: str(c.path) if c.path is not None else f"{source}!/{c.member}" for c in cases}
         self.records: dict[str, Record] = {}
-        self.lock = threading.Lock()
+        self.views: dict = {}  # case id -> report_html.CaseView
+        self.lock = threading.Lock()  # held while any report file (page, thumbnail, JSON, CSV) is written
+        self.closed = False
 
     def add(self, rec: Record) -> None:
-        with self.lock:
+        from aldm.report_html import case_view
+
+        rec.source = rec.source or self.sources.get(rec.id, "")
+        with self.lock:  # listed at once (a kill or a second Ctrl-C may come while the thumbnail is made)
             self.records[rec.id] = rec
+            if self.closed:
+                return
             self._write(finished=False)
+        if rec.status in ("done", "skipped"):  # then its thumbnail, outside the lock, and the page again
+            view = case_view(self.out, rec, fresh=rec.status == "done", lock=self.lock, closed=lambda: self.closed)
+            with self.lock:
+                self.views[rec.id] = view
+                if not self.closed:
+                    self._write(finished=False, page_only=True)
 
     def ordered(self) -> list[Record]:
         return [self.records[i] for i in self.order if i in self.records]
 
-    def _write(self, finished: bool) -> tuple[dict, Path, Path]:
+    def _write(self, finished: bool, page_only: bool = False) -> tuple[dict, Path, Path]:
+        from aldm.report_html import write_html
+
         records = self.ordered()
         summary = summarise(records, time.perf_counter() - self.t0) | {"finished": finished}
+        page = write_html(self.out, records, self.views, summary)
+        if page_only:
+            return summary, page, page
         return (summary, *write_report(records, summary, self.out))
 
     def finish(self) -> tuple[dict, Path, Path]:
-        with self.lock:
+        """The final report; nothing is written after it (threads still running may be cut off by
+        the process's exit, so none may be in the middle of a report file then)."""
+        with sigint_deferred(), self.lock:
+            self.closed = True
             return self._write(finished=True)
 
 

@@ -81,7 +81,7 @@ def start_batch(source: Path, out: Path, source_modality: str, quiet: bool, *, s
     stale = B.clean_partials(out)
     if stale and not quiet:
         say(f"removed {stale} temporary file(s) left by an interrupted run")
-    return cases, B.Journal(out, cases)
+    return cases, B.Journal(out, cases, source)
 
 
 def print_summary(summary: dict, j: Path, c: Path) -> None:
@@ -90,7 +90,7 @@ def print_summary(summary: dict, j: Path, c: Path) -> None:
         f"{summary['interrupted']} interrupted in {summary['wall_s']} s "
         f"({summary['cases_per_hour']} cases/hour; per case: read {m['read']} s, compute {m['compute']} s, "
         f"write {m['write']} s; wall {summary['wall_s_per_case']} s)")
-    say(f"report: {j} and {c}")
+    say(f"report: {j.with_name('aldm_report.html')} (and .json, .csv)")
 
 
 def _bar(quiet: bool, total: int):

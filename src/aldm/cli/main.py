@@ -1,4 +1,4 @@
-"""aldm: export, check, benchmark, train and evaluate ALDM models (translation itself: `aldm-infer`)."""
+"""aldm: export, check, benchmark, train and evaluate ALDM models, rebuild batch reports (translation itself: `aldm-infer`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aldm.cli.calibrate_cmd import calibrate
 from aldm.cli.check_cmd import check
 from aldm.cli.eval_cmd import eval
 from aldm.cli.export_cmd import export
+from aldm.cli.report_cmd import report
 from aldm.cli.serve_cmd import serve
 from aldm.cli.train_cmd import train
 
@@ -26,6 +27,7 @@ app.command()(train)
 app.command(name="eval")(eval)
 app.command()(serve)
 app.command(name="bench-serve")(bench_serve)
+app.command()(report)
 
 
 @app.command()
