@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from aldm.infer import default_model_dir
+from aldm.runtime.tiled import DEFAULT_TILE_ROWS
 from aldm.runtime.manifest import MANIFEST, ModelDir, sha256_file
 from conftest import REPO, rel_err
 
@@ -125,7 +126,7 @@ def test_aldm_check_finds_the_weights_and_passes():
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("PASS", "FAIL"))]
     # the four components, then the graphs the CPU runs instead of two of them
     assert len(lines) == 6 and all(ln.startswith("PASS") for ln in lines), res.stdout
-    assert "per class" in lines[4] and "slabs of 16" in lines[5], res.stdout
+    assert "per class" in lines[4] and f"slabs of {DEFAULT_TILE_ROWS}" in lines[5], res.stdout
 
 
 # ------------------------------------------------------------------- finding the weights

@@ -103,15 +103,19 @@ def test_corrupted_onnx_is_caught_by_its_hash(tiny_export, tmp_path):
     assert "\n" not in str(err.value) and str(d / "unet.onnx") in str(err.value)
 
 
-def test_corrupted_onnx_with_a_matching_manifest_fails_to_load(tiny_export, tmp_path):
+@pytest.mark.parametrize("slabs", [False, True])
+def test_corrupted_onnx_with_a_matching_manifest_fails_to_load(tiny_export, tmp_path, slabs):
+    """The whole decoder (--tile-rows 0) or a slab graph (the default): one ModelError naming it."""
     d = _copy(tiny_export, tmp_path)
-    (d / "decoder.onnx").write_bytes(b"garbage, not a protobuf" * 10)
     m = json.loads((d / "manifest.json").read_text())
-    m["files"]["decoder.onnx"] = sha256_file(d / "decoder.onnx")
+    name = m["decoder_tiling"]["steps"][1]["file"] if slabs else "decoder.onnx"
+    (d / name).write_bytes(b"garbage, not a protobuf" * 10)
+    m["files"][name] = sha256_file(d / name)
     (d / "manifest.json").write_text(json.dumps(m))
-    p = Pipeline.load(d)
-    with pytest.raises(ModelError, match="cannot load .*decoder.onnx"):
-        p.decode(np.zeros((1, 4, 8, 8, 4), np.float32))
+    p = Pipeline.load(d, tile_rows=4 if slabs else 0)
+    z = np.zeros((1,) + tuple(p.manifest.latent_shape), np.float32)
+    with pytest.raises(ModelError, match=f"cannot load .*{name}"):
+        p.decode(z)
 
 
 def test_missing_file_and_not_a_model_folder(tiny_export, tmp_path):

@@ -44,7 +44,8 @@ from torch import nn
 
 from aldm.models.aldm import ALDM
 from aldm.runtime.manifest import ComponentSpec
-from aldm.runtime.tiled import LAYOUT, ROWS, ROWS_IN, ROWS_LOW, head_spec, step_spec
+from aldm.runtime.manifest import TILE_LAYOUT as LAYOUT  # slabs are (rows, W, D, C)
+from aldm.runtime.tiled import ROWS, ROWS_IN, ROWS_LOW, head_spec, step_spec
 
 AXIS = 0  # slabs are runs of rows of (H, C, W, D) arrays: a slab is a contiguous block
 

@@ -178,7 +178,10 @@ class OrtRunner:
         return {n: out[n] if n in out else v.numpy() for n, v in zip(names, values)}
 
     def trim(self) -> None:
-        """Nothing to do: without the arena (the slab graphs' setting) ORT frees as it goes."""
+        """Without its arena (the encoder, decoder and slab graphs) ORT frees as it goes: nothing
+        to do. With it, the arena keeps every block until the session goes."""
+        if self.arena:
+            self.deactivate()
 
     def deactivate(self) -> None:
         self.session = None

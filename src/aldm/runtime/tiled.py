@@ -11,7 +11,6 @@ from typing import Callable, Mapping
 import numpy as np
 
 from aldm.errors import ModelError
-from aldm.runtime.manifest import TILE_LAYOUT as LAYOUT  # slabs are (rows, W, D, C): aldm.export.tiled
 from aldm.runtime.manifest import ComponentSpec, ModelDir, TensorSpec
 from aldm.runtime.runners import BindingRunner as Runner
 from aldm.runtime.runners import return_freed_memory, trim
