@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from aldm.infer import default_model_dir
-from aldm.runtime.tiled import DEFAULT_TILE_ROWS
 from aldm.runtime.manifest import MANIFEST, ModelDir, sha256_file
+from aldm.runtime.tiled import DEFAULT_TILE_ROWS
 from conftest import REPO, rel_err
 
 torch = pytest.importorskip("torch", reason="the PyTorch weights need the export extra")
@@ -165,7 +165,7 @@ def test_absent_weights_say_what_to_pass(tmp_path):
         source_checkpoint(md)
     msg = str(exc.value)
     assert "\n" not in msg and "--reference" in msg and "models/default/last.ckpt" in msg
-    from aldm.runtime.backends import torch_runners
+    from aldm.export.torch_backend import torch_runners
 
     with pytest.raises(BackendError) as exc:
         torch_runners(md)
@@ -201,8 +201,10 @@ def test_paths_that_leave_the_repository_are_refused(tmp_path):
 
 
 def test_torch_backend_finds_the_weights(md):
+    from aldm.export.torch_backend import register
     from aldm.runtime.backends import make_runners
 
+    register()  # what the command line does; the runtime itself never imports torch
     runners = make_runners(md, "torch")
     assert set(runners) == {"encoder", "spade", "unet", "decoder"}
     assert runners["unet"].model.config.scale_factor == pytest.approx(md.manifest.scale_factor)

@@ -71,7 +71,7 @@ def test_build_without_tensorrt_explains(model):
 
 
 def test_fp16_end_to_end_agrees_with_fp32(model, sources):
-    from aldm.runtime.compare import e2e_precision
+    from aldm.export.e2e_check import e2e_precision
 
     assert run("build", model, "--onnx-only").exit_code == 0
     results = e2e_precision(model, sources[2:], "fp16", steps=5, say=lambda s: None)

@@ -196,7 +196,7 @@ def fake_gpu(monkeypatch, tiny_export, tmp_path):
 
 @pytest.mark.parametrize("version_compatible", [False, True])
 def test_built_engines_are_registered_and_loaded_only_as_registered(fake_gpu, version_compatible):
-    from aldm.runtime.trt_build import build_engines
+    from aldm.export.trt_build import build_engines
 
     fake, d = fake_gpu
     stale = d / trt.ENGINE_DIR / ".unet.fp32.partial-1-abcd.plan"  # left by a killed build
@@ -224,7 +224,7 @@ def test_built_engines_are_registered_and_loaded_only_as_registered(fake_gpu, ve
 
 
 def test_a_tampered_engine_is_stale_for_the_probe_and_refused_by_the_runner(fake_gpu):
-    from aldm.runtime.trt_build import build_engines
+    from aldm.export.trt_build import build_engines
 
     fake, d = fake_gpu
     build_engines(d, trt.BuildOptions("fp32", 2), say=lambda s: None)
@@ -333,7 +333,7 @@ def test_build_and_run_engines_on_a_gpu(tiny_export, tmp_path):
     import shutil
 
     from aldm.runtime.pipeline import Pipeline
-    from aldm.runtime.trt_build import build_engines
+    from aldm.export.trt_build import build_engines
 
     d = tmp_path / "m"
     shutil.copytree(tiny_export, d)

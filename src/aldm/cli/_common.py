@@ -9,6 +9,9 @@ from typing import Callable
 import typer
 
 from aldm.errors import AldmError, exit_now
+from aldm.export.torch_backend import register as _register_torch_backend
+
+_register_torch_backend()  # --backend torch (PyTorch itself is imported only when it is chosen)
 
 
 def say(msg: str) -> None:

@@ -39,7 +39,7 @@ def build(
     if tensorrt_version() is None:
         fail("TensorRT is not installed here, so no engines were built "
              "(install it from NVIDIA's index: pip install 'aldm[gpu]'); --onnx-only skips this step")
-    from aldm.runtime.trt_build import build_engines
+    from aldm.export.trt_build import build_engines
 
     options = BuildOptions(precision, max_targets, workspace, version_compatible, hardware_compatible,
                            not no_cuda_graph)

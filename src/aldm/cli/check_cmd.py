@@ -29,7 +29,7 @@ def check(
     """One line per component, backend and precision: errors vs PyTorch FP32 against stated
     tolerances, PASS or FAIL; exit 1 on any FAIL."""
     from aldm.export.check import check_model, reference_model
-    from aldm.runtime.compare import e2e_precision
+    from aldm.export.e2e_check import e2e_precision
     from aldm.runtime.manifest import ModelDir
 
     md = ModelDir(model_dir)

@@ -90,7 +90,22 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
         from aldm.runtime import trt
 
         return trt.make_runners(model, precision=precision)
-    return torch_runners(model)
+    if backend in REGISTERED:
+        return REGISTERED[backend](model)
+    raise BackendError(f"the {backend} backend is not available here: the aldm command line registers it "
+                       f"(from Python: aldm.export.torch_backend.register())")
+
+
+# Backends whose runners live above the runtime (the PyTorch reference runs aldm.models): the
+# command line registers them, so the runtime never imports torch or the models.
+REGISTERED: dict[str, Callable[[ModelDir], dict[str, Runner]]] = {}
+
+
+def register_backend(name: str, make: Callable[[ModelDir], dict[str, Runner]]) -> None:
+    """Make `name` a backend whose runners `make(model)` builds (name must be one of BACKENDS)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend name {name!r}")
+    REGISTERED[name] = make
 
 
 def extra_graph_runners(model: ModelDir, backend: str, threads: int | None = None):
@@ -149,25 +164,3 @@ class FallbackRunner:
     def deactivate(self) -> None:
         if self.current is not None:
             self.current.deactivate()
-
-
-def torch_runners(model: ModelDir) -> dict[str, Runner]:
-    """PyTorch eager on the checkpoint the manifest records (for parity checks and debugging)."""
-    try:
-        import torch
-
-        from aldm.export.check import TorchRunner, reference_model
-    except ImportError:
-        raise BackendError("the torch backend needs torch: pip install 'aldm[export]'") from None
-    from aldm.errors import ModelError
-
-    if not model.manifest.source.get("ldm_ckpt"):
-        raise BackendError("the torch backend needs the source checkpoint, and this model's "
-                           "manifest records none")
-    try:  # a relative path is found in the repository above the model folder, sha256 checked
-        ref = reference_model(model, hint="run it from a clone of the aldm repository, which "
-                                          "holds the file (or compare with `aldm check --reference CKPT`)")
-    except ModelError as exc:
-        raise BackendError(f"the torch backend needs the model's PyTorch weights: {exc}") from None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {c: TorchRunner(ref, c, device) for c in COMPONENTS}

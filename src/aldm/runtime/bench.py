@@ -94,15 +94,18 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
     return out
 
 
+TORCH_CHILD = "aldm.export.bench_torch"  # run as a program: the runtime does not import the models
+
+
 def _torch_reference(model_dir: ModelDir, components, threads, warmup, repeats, say,
                      device: str = "cpu", fp16: bool = False) -> dict | None:
     """PyTorch eager timings from a child process (None when torch is not installed)."""
     if importlib.util.find_spec("torch") is None:
         return None
     say(f"torch eager ({device}): in a separate process")
-    return run_child("torch", {"model_dir": str(model_dir.path), "components": list(components),
-                               "threads": threads, "warmup": warmup, "repeats": repeats,
-                               "device": device, "fp16": fp16})
+    cfg = {"model_dir": str(model_dir.path), "components": list(components), "threads": threads,
+           "warmup": warmup, "repeats": repeats, "device": device, "fp16": fp16}
+    return run_child("torch", cfg, module=TORCH_CHILD)
 
 
 def _add_flops(out: dict, model_dir: ModelDir, components, say) -> None:

@@ -1,8 +1,9 @@
 """The parts of `aldm bench` that run in a process of their own, so that their memory is theirs:
 
-* ``torch``: PyTorch eager timings of the components (random weights of the manifest's
-  architecture). torch's weights, allocator and thread pools would otherwise raise the peak RSS
-  reported for the ONNX / engine path.
+* ``torch`` (aldm.export.bench_torch, which holds the models: the runtime does not import them):
+  PyTorch eager timings of the components (random weights of the manifest's architecture).
+  torch's weights, allocator and thread pools would otherwise raise the peak RSS reported for the
+  ONNX / engine path.
 * ``e2e``: one end-to-end translation in a fresh process that only loads the pipeline and
   translates: its peak RSS is what a user's `aldm-infer` process needs.
 
@@ -41,8 +42,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
 
 
-def run_child(kind: str, config: dict, *, timeout: float | None = None) -> dict:
-    """Run `kind` in a fresh interpreter; its result dict, or {"error": ...} when it failed."""
+def run_child(kind: str, config: dict, *, timeout: float | None = None,
+              module: str = "aldm.runtime.bench_child") -> dict:
+    """Run `kind` of `module` (a program with this module's `main`) in a fresh interpreter; its
+    result dict, or {"error": ...} when it failed."""
     import aldm
 
     env = dict(os.environ)  # the child imports the same aldm as this process
@@ -50,7 +53,7 @@ def run_child(kind: str, config: dict, *, timeout: float | None = None) -> dict:
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with tempfile.TemporaryDirectory(prefix="aldm-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "aldm.runtime.bench_child", kind, json.dumps(config), str(out)]
+        cmd = [sys.executable, "-m", module, kind, json.dumps(config), str(out)]
         try:
             proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -90,33 +93,6 @@ def component_feeds(model_dir: ModelDir, component: str) -> dict:
     return sample_feeds(model_dir.component(component), 1, COMPONENTS.index(component))
 
 
-def torch_eager(cfg: dict) -> dict:
-    """cfg: model_dir, components, threads, warmup, repeats, device, fp16."""
-    import torch
-
-    from aldm.export.check import TorchRunner
-    from aldm.models import ALDM, LDMConfig
-
-    say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
-    model_dir = ModelDir(cfg["model_dir"], verify=False)
-    config = model_dir.manifest.config
-    torch.manual_seed(0)
-    model = ALDM(LDMConfig.from_dict(config) if config else LDMConfig()).eval()
-    device, fp16 = cfg.get("device", "cpu"), bool(cfg.get("fp16", False))
-    res = {"device": device, "fp16_autocast": fp16, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "pid": os.getpid(), "components": {}}
-    for c in cfg["components"]:
-        say(f"torch eager ({device}{', fp16' if fp16 else ''}): {c}")
-        feeds = component_feeds(model_dir, c)
-        runner = TorchRunner(model, c, device, autocast=fp16)
-        runner.activate()
-        res["components"][c] = time_calls(lambda: runner.infer(feeds), int(cfg["warmup"]), int(cfg["repeats"]))
-    res["peak_rss_mb"] = peak_rss_mb()
-    return res
-
-
 def fresh_translation(cfg: dict) -> dict:
     """cfg: model_dir, backend, threads, precision, targets (count), steps. Loads the pipeline and
     translates one volume into that many targets, nothing else."""
@@ -137,13 +113,13 @@ def fresh_translation(cfg: dict) -> dict:
             "stages_s": tr.timings, "peak_rss_mb": peak_rss_mb()}
 
 
-KINDS = {"torch": torch_eager, "e2e": fresh_translation}
+KINDS = {"e2e": fresh_translation}
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], kinds: dict[str, Callable[[dict], dict]] = KINDS) -> int:
     kind, config, out = argv
     try:
-        res = KINDS[kind](json.loads(config))
+        res = kinds[kind](json.loads(config))
         code = 0
     except Exception as exc:  # reported to the parent, which carries on with its other figures
         res, code = {"error": f"{type(exc).__name__}: {exc}", "peak_rss_mb": peak_rss_mb()}, 1

@@ -1,5 +1,5 @@
 """TensorRT backend: the engine cache (keyed by content, never by a file's existence) and the
-runner. Engines are built by `aldm build` (`aldm.runtime.trt_build`).
+runner. Engines are built by `aldm build` (`aldm.export.trt_build`).
 
 An engine is current only if its JSON sidecar matches, field for field, the key it would be
 built with now: sha256 of the ONNX bytes, precision, optimisation profile, build flags,
