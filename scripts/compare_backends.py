@@ -17,7 +17,7 @@ import numpy as np
 
 
 def main() -> None:
-    from aldm.infer import default_model_dir
+    from aldm.translator import default_model_dir
     from aldm.nifti import load_volume
     from aldm.preprocess import preprocess
     from aldm.runtime.compare import psnr

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from aldm.evaluate import resample_to_grid
-from aldm.infer import Options, Translator, default_model_dir
+from aldm.translator import Options, Translator, default_model_dir
 from aldm.preview import preview
 from aldm.runtime.pipeline import Pipeline
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from aldm.infer import Options, Translator, default_model_dir
+from aldm.translator import Options, Translator, default_model_dir
 from aldm.preview import label, preview
 from aldm.runtime.pipeline import Pipeline
 

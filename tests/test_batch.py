@@ -267,7 +267,7 @@ def test_a_case_that_raises_anything_fails_alone_and_the_batch_does_not_hang(tin
 def test_any_exception_type_in_any_stage_is_a_failed_record(tiny_export, folder, tmp_path, monkeypatch):
     """Not only the listed types: a LinAlgError while reading, a RuntimeError while computing and a
     ValueError while writing each fail one case; the others complete."""
-    from aldm import infer as I
+    from aldm import translator as I
 
     real_load, real_compute, real_write = I.Translator.load, I.Translator.compute, I.Translator.write
     source_of = {}  # prepared record -> its source (compute runs after the reader moved on)
@@ -511,7 +511,7 @@ def test_ray_a_dead_worker_fails_its_case_and_ctrl_c_stops_submitting(tiny_expor
 
     from aldm import batch as B
     from aldm.batch_ray import run_ray
-    from aldm.infer import Options
+    from aldm.translator import Options
 
     cases = B.discover(folder)
     opts = dataclasses_asdict(Options(("t2",), steps=5, seed=7))

@@ -257,7 +257,7 @@ def test_strength_zero_decodes_the_spade_latent_without_a_unet_call(tiny_export)
 
 def test_a_case_is_written_whole_or_not_at_all(tiny_export, src, tmp_path, monkeypatch):
     """The second target's write fails (disk full): the first target's output is removed too."""
-    from aldm import infer as I
+    from aldm import translator as I
 
     real = I.save_like
     calls = []

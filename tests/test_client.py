@@ -489,7 +489,7 @@ def test_cli_batch_through_the_server(server, tmp_path):
 # ------------------------------------------------------------------------------ aldm bench-serve
 
 class _FakeTranslator:
-    """Stands in for aldm.infer.Translator in the bench: 0.05 s of 'work', a sidecar with a hash."""
+    """Stands in for aldm.translator.Translator in the bench: 0.05 s of 'work', a sidecar with a hash."""
 
     manifest_sha256 = "1" * 64
     calls: list = []
@@ -513,11 +513,11 @@ def test_bench_serve_alternates_pairs_and_measures_each_concurrency(server, src,
     import typer
     from typer.testing import CliRunner
 
-    import aldm.infer
+    import aldm.translator
     import aldm.runtime.pipeline
     from aldm.cli.bench_serve_cmd import bench_serve
 
-    monkeypatch.setattr(aldm.infer, "Translator", _FakeTranslator)
+    monkeypatch.setattr(aldm.translator, "Translator", _FakeTranslator)
     monkeypatch.setattr(aldm.runtime.pipeline.Pipeline, "load", staticmethod(lambda *a, **k: None))
     app = typer.Typer()
     app.command()(bench_serve)

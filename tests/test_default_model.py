@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aldm.cli.infer import app
-from aldm.infer import default_model_dir
+from aldm.translator import default_model_dir
 from aldm.runtime.manifest import MANIFEST, ModelDir, sha256_file
 from conftest import DATA, REPO, need
 

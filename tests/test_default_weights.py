@@ -15,7 +15,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from aldm.infer import default_model_dir
+from aldm.translator import default_model_dir
 from aldm.runtime.manifest import MANIFEST, ModelDir, sha256_file
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS
 from conftest import REPO, rel_err

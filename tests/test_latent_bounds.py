@@ -13,7 +13,7 @@ from aldm.cli.infer import app
 from aldm.errors import ModelError
 from aldm.evaluate import evaluate
 from aldm.export.onnx_export import codebook_bounds
-from aldm.infer import default_model_dir
+from aldm.translator import default_model_dir
 from aldm.runtime.manifest import MANIFEST, Manifest, ModelDir
 from aldm.runtime.pipeline import Pipeline
 from conftest import DATA, need

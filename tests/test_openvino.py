@@ -272,7 +272,7 @@ def test_aldm_check_passes_for_ov_cpu_on_the_bundled_model():
     `aldm check` on ov-cpu: what `auto` runs on a CPU, held to the same tolerances as ORT."""
     import os
 
-    from aldm.infer import default_model_dir
+    from aldm.translator import default_model_dir
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     aldm = [sys.executable, "-c", "from aldm.cli.main import app; app()"]

@@ -165,7 +165,7 @@ def test_synthetic_scan_with_skull_refused_then_allowed(tiny_export, tmp_path):
 def test_translator_refuses_with_an_input_error_unless_the_option_is_off(tiny_export, tmp_path):
     import dataclasses
 
-    from aldm.infer import Options, Translator
+    from aldm.translator import Options, Translator
     from aldm.runtime.pipeline import Pipeline
 
     src = write_nifti(tmp_path / "raw.nii.gz", _with_skull())

@@ -76,7 +76,7 @@ def test_without_tensorrt_the_backend_says_why(tiny_export):
     md = ModelDir(tiny_export)
     assert not trt.engines_usable(md)
     with pytest.raises(BackendError, match="TensorRT is not installed"):
-        trt.make_runners(md)
+        trt.engine_runners(md)
 
 
 def test_auto_order_given_the_probe_results():
@@ -213,7 +213,7 @@ def test_built_engines_are_registered_and_loaded_only_as_registered(fake_gpu, ve
     md = ModelDir(d)
     assert trt.engines_usable(md, "fp32")
     assert auto_order(md, "fp32")[0] == "trt"  # the real probe, not a given answer
-    runners = trt.make_runners(md, precision="fp32")
+    runners = trt.engine_runners(md, precision="fp32")
     for r in runners.values():
         r.activate()
     assert [b for b, _ in fake.deserialized] == fake.built
@@ -229,7 +229,7 @@ def test_a_tampered_engine_is_stale_for_the_probe_and_refused_by_the_runner(fake
     fake, d = fake_gpu
     build_engines(d, trt.BuildOptions("fp32", 2), say=lambda s: None)
     md = ModelDir(d)
-    runners = trt.make_runners(md, precision="fp32")
+    runners = trt.engine_runners(md, precision="fp32")
     engine = d / trt.ENGINE_DIR / "unet.fp32.plan"
     engine.write_bytes(b"x" + engine.read_bytes()[1:])  # changed after the runners were made
     with pytest.raises(BackendError, match="unet.fp32.plan: sha256 does not match"):
@@ -238,7 +238,7 @@ def test_a_tampered_engine_is_stale_for_the_probe_and_refused_by_the_runner(fake
     assert not trt.engines_usable(md, "fp32")
     assert "trt" not in auto_order(md, "fp32")
     with pytest.raises(BackendError, match="no current fp32 TensorRT engines"):
-        trt.make_runners(md, precision="fp32")
+        trt.engine_runners(md, precision="fp32")
 
 
 class _Fake:

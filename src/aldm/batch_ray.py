@@ -25,7 +25,7 @@ class _Worker:
     """One model per worker process."""
 
     def __init__(self, model_dir: str, options: dict, backend: str, threads: int | None):
-        from aldm.infer import Options, Translator
+        from aldm.translator import Options, Translator
         from aldm.runtime.pipeline import Pipeline
 
         opts = Options(**(options | {"targets": tuple(options["targets"]),

@@ -39,7 +39,7 @@ def bench_serve(
     from aldm.cli.remote import preflight, read_token
     from aldm.client import Client
     from aldm.errors import UsageError
-    from aldm.infer import Options, Translator, default_model_dir
+    from aldm.translator import Options, Translator, default_model_dir
     from aldm.runtime.pipeline import Pipeline
 
     if runs < 1:

@@ -55,7 +55,7 @@ def infer(
 ) -> None:
     """Translate each SOURCE into the target modalities: <stem>_<target>.nii.gz plus a JSON sidecar."""
     from aldm.cli._common import ignore_file_size_signal
-    from aldm.infer import Options, Translator, default_model_dir
+    from aldm.translator import Options, Translator, default_model_dir
     from aldm.runtime.pipeline import Pipeline
 
     ignore_file_size_signal()

@@ -32,7 +32,7 @@ def main(ctx: typer.Context, server: str | None, token_file: Path | None, opts, 
          out: Path | None, *, prefetch: int, quiet: bool, limits) -> int:
     """aldm-infer with --server: checks, then plain sources or a batch; the exit code."""
     from aldm.client import Client
-    from aldm.infer import check_options
+    from aldm.translator import check_options
 
     if server is None:
         fail("--token-file needs --server URL", 2)
@@ -77,7 +77,7 @@ def read_token(path: Path) -> str:
 
 
 def submit_options(opts) -> dict:
-    """aldm.infer.Options -> the query fields of POST /v1/translations."""
+    """aldm.translator.Options -> the query fields of POST /v1/translations."""
     return {"targets": ",".join(opts.targets), "source_modality": opts.source_modality, "steps": opts.steps,
             "eta": opts.eta, "strength": opts.strength, "seed": opts.seed, "intensity": opts.intensity,
             "naming": opts.naming, "skull_check": opts.skull_check}
@@ -98,7 +98,7 @@ def preflight(client) -> None:
 def run_sources(client, sources: list[Path], opts, *, quiet: bool) -> int:
     """Each source through the server; the exit code (0, or 1 when a source failed)."""
     from aldm.cli.infer import _progress
-    from aldm.infer import check_writable, output_names
+    from aldm.translator import check_writable, output_names
 
     failed = 0
     with _progress(quiet) as bar:
@@ -218,7 +218,7 @@ def completeness(paths: dict[str, Path], opts) -> tuple[bool, str]:
 def run_batch(client, source: Path, out: Path, opts, *, jobs: int, quiet: bool, limits) -> int:
     from aldm import batch as B
     from aldm.cli.batch_cmd import _bar, _null, print_summary, start_batch
-    from aldm.infer import output_names
+    from aldm.translator import output_names
 
     cases, journal = start_batch(source, out, opts.source_modality, quiet)
     if any(c.dicom is not None for c in cases):

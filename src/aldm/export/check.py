@@ -125,7 +125,7 @@ def available_backends() -> list[str]:
         ["ort-cuda"] if ort_cuda_available() else []) + (["trt"] if trt.tensorrt_version() else [])
 
 
-def check_feeds(model_dir: ModelDir, batch: int, seed: int, n_classes: int,
+def reference_feeds(model_dir: ModelDir, batch: int, seed: int, n_classes: int,
                 inputs: str = "auto", calib: str | Path | None = None,
                 ) -> tuple[dict[str, dict[str, np.ndarray]], str]:
     """Inputs for every component: recorded real ones (held out from INT8 calibration) when `calib`
@@ -150,7 +150,7 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
                 tolerances: Mapping[str, Mapping[str, Tolerance]] = TOLERANCES) -> Report:
     report = Report()
     n_classes = reference.config.first_stage_config.num_classes
-    feeds, report.inputs = check_feeds(model_dir, batch, seed, n_classes, inputs, calib)
+    feeds, report.inputs = reference_feeds(model_dir, batch, seed, n_classes, inputs, calib)
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
     codebook = reference.first_stage_model.quantize.embedding.weight.detach().cpu().numpy()
     gaps = {"encoder": code_gaps(expected["encoder"]["h"], codebook)}

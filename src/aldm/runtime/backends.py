@@ -89,7 +89,7 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
     if backend == "trt":
         from aldm.runtime import trt
 
-        return trt.make_runners(model, precision=precision)
+        return trt.engine_runners(model, precision=precision)
     if backend in REGISTERED:
         return REGISTERED[backend](model)
     raise BackendError(f"the {backend} backend is not available here: the aldm command line registers it "

@@ -202,7 +202,7 @@ def load_engine(path: Path, reg: Registration | None = None):
     return runtime, engine
 
 
-def make_runners(model: ModelDir, *, precision: str = "fp16") -> dict[str, "TrtRunner"]:
+def engine_runners(model: ModelDir, *, precision: str = "fp16") -> dict[str, "TrtRunner"]:
     if tensorrt_version() is None:
         raise BackendError("TensorRT is not installed (pip install 'aldm[gpu]' from NVIDIA's index)")
     if not engines_usable(model, precision):

@@ -162,7 +162,7 @@ class Service:
         self._work()
 
     def _load(self) -> None:
-        from aldm.infer import default_model_dir
+        from aldm.translator import default_model_dir
         from aldm.runtime.manifest import MANIFEST, sha256_file
         from aldm.runtime.pipeline import Pipeline
         from aldm.runtime.sampler import ddim_timesteps
@@ -208,7 +208,7 @@ class Service:
     # ------------------------------------------------------------------------------ the worker
     def translator(self, options: dict[str, Any], out_dir: Path | None = None):
         """The aldm-infer Translator for these options (raises UsageError for bad ones)."""
-        from aldm.infer import Options, Translator
+        from aldm.translator import Options, Translator
 
         kw = {}
         if self.settings.max_voxels:
