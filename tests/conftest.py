@@ -100,6 +100,14 @@ def synthetic_volume(shape=(40, 36, 20), seed=0, dtype=np.int16):
     return data.astype(dtype)
 
 
+def write_cases(folder, n: int, seed: int, shape=(48, 44, 24)):
+    """A batch input: `folder` with c0.nii.gz .. c{n-1}.nii.gz, synthetic volumes seeded seed, seed+1, ..."""
+    folder.mkdir()
+    for i in range(n):
+        write_nifti(folder / f"c{i}.nii.gz", synthetic_volume(shape=shape, seed=seed + i))
+    return folder
+
+
 def write_nifti(path, data, affine=None, qform_code=1, sform_code=1):
     import nibabel as nib
 

@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aldm.cli.infer import app
-from conftest import synthetic_volume, write_nifti
+from conftest import synthetic_volume, write_cases, write_nifti
 
 ARGS = ["--targets", "t2", "--steps", "5", "--seed", "7", "--quiet"]
 
@@ -146,11 +146,7 @@ def _batch_cmd(model, src, out):
 
 @pytest.fixture()
 def eight_cases(tmp_path):
-    d = tmp_path / "eight"
-    d.mkdir()
-    for i in range(8):
-        write_nifti(d / f"c{i}.nii.gz", synthetic_volume(shape=(48, 44, 24), seed=20 + i))
-    return d
+    return write_cases(tmp_path / "eight", 8, seed=20)
 
 
 def _watch_final_names(out: Path, seen: dict) -> None:

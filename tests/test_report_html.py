@@ -22,7 +22,7 @@ from aldm.batch import Record, summarise
 from aldm.nifti import load_volume
 from aldm.report_html import FILES, HTML, CaseView, thumbnail_name, write_html
 from aldm.thumbnails import MARGIN, PX, case_thumbnail, small_volumes
-from conftest import DATA, REPO, need, synthetic_volume, write_nifti
+from conftest import DATA, REPO, need, synthetic_volume, write_cases, write_nifti
 from test_client import nifti, server  # noqa: F401 - fixtures: the fake `aldm serve`
 
 INFER = [sys.executable, "-m", "aldm.cli.infer"]
@@ -231,11 +231,7 @@ def test_a_1000_case_report_is_small_and_opens_fast(browser, tmp_path):
 
 @pytest.fixture()
 def six_cases(tmp_path):
-    d = tmp_path / "six"
-    d.mkdir()
-    for i in range(6):
-        write_nifti(d / f"c{i}.nii.gz", synthetic_volume(shape=(48, 44, 24), seed=40 + i))
-    return d
+    return write_cases(tmp_path / "six", 6, seed=40)
 
 
 def test_kill_9_leaves_a_page_listing_every_finished_case(tiny_export, six_cases, tmp_path):

@@ -213,7 +213,7 @@ def tail_program(model: ALDM, crop: tuple[int, int, int]) -> tuple[list[dict], l
              in_channels=ch_half, channels=co, residual_channels=first.conv2.out_channels,
              groups=g, eps=float(first.norm1.eps)),
         dict(kind="conv_res", input="h0", residual="x1", output="x1", in_channels=co, channels=co,
-             groups=g, eps=float(first.norm2.eps)),
+             residual_channels=first.conv2.out_channels, groups=g, eps=float(first.norm2.eps)),
     ]
     modules: list[nn.Module] = [UpStatsGraph(dec.up[1].upsample), UpConvGraph(dec.up[1].upsample, first),
                                 NormConvGraph(first.norm2, first.conv2, None, residual=True)]
@@ -230,7 +230,7 @@ def tail_program(model: ALDM, crop: tuple[int, int, int]) -> tuple[list[dict], l
             fresh += 1
             out = f"x{fresh}"
         steps.append(dict(kind="conv_res", input="h0", residual=cur, output=out, in_channels=co,
-                          channels=co, groups=g, eps=float(block.norm2.eps)))
+                          channels=co, residual_channels=cur_ch, groups=g, eps=float(block.norm2.eps)))
         modules.append(NormConvGraph(block.norm2, block.conv2, shortcut, residual=True))
         cur, cur_ch = out, co
     steps.append(dict(kind="out", input=cur, output="y", in_channels=cur_ch, channels=dd.out_ch,
@@ -249,10 +249,6 @@ def export_tiles(model: ALDM, out_dir: Path, crop: tuple[int, int, int], latent:
     export_fn(HeadGraph(model).eval(), head, out_dir / head.file, (z,), {"z": None})
     steps, modules = tail_program(model, crop)
     for i, (step, module) in enumerate(zip(steps, modules)):
-        if step["kind"] == "conv_res" and "residual_channels" not in step:
-            step["residual_channels"] = next(s["residual_channels"] if s.get("residual_output") == step["residual"]
-                                             else s["channels"] for s in steps[:i]
-                                             if step["residual"] in (s["output"], s.get("residual_output")))
         step["file"] = f"decoder_tile{i:02d}_{step['kind']}.onnx"
         spec = step_spec(step, i, crop)  # the I/O the runtime will feed: one definition
         export_fn(module.eval(), spec, out_dir / spec.file, *_example(spec, step))

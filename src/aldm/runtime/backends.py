@@ -13,7 +13,7 @@ import numpy as np
 
 from aldm.errors import BackendError, UsageError
 from aldm.runtime.manifest import COMPONENTS, ModelDir
-from aldm.runtime.runners import OrtRunner, Runner
+from aldm.runtime.runners import OrtRunner, Runner, trim
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ov-cpu", "trt", "torch")
 DEFAULT_PRECISION = {"trt": "fp16", "ort-cpu": "fp32", "ort-cuda": "fp32", "ov-cpu": "fp32", "torch": "fp32"}
@@ -159,7 +159,7 @@ class FallbackRunner:
 
     def trim(self) -> None:
         if self.current is not None:
-            getattr(self.current, "trim", self.current.deactivate)()
+            trim(self.current, give_back=False)
 
     def deactivate(self) -> None:
         if self.current is not None:

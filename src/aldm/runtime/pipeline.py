@@ -20,7 +20,7 @@ from aldm.errors import InputError, UsageError
 from aldm.runtime import sampler as S
 from aldm.runtime.manifest import ComponentSpec, ModelDir
 from aldm.runtime.runners import Runner, trim
-from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder
+from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder, tiled_decoder
 
 
 @dataclass
@@ -64,10 +64,7 @@ class Pipeline:
              tile_rows: int = DEFAULT_TILE_ROWS) -> "Pipeline":
         """tile_rows: rows per slab of the slab-wise decoder (0: decode whole volumes). Used when
         the folder has the decoder cut and the decoder runs FP32 on a CPU backend."""
-        from aldm.runtime.backends import make_runners
-        from aldm.runtime.tiled import tiled_decoder
-
-        from aldm.runtime.backends import extra_graph_runners
+        from aldm.runtime.backends import extra_graph_runners, make_runners
 
         model = ModelDir(path, verify=verify)
         runners = make_runners(model, backend, threads=threads, precision=precision)

@@ -136,10 +136,6 @@ class TiledDecoder:
     def runners(self) -> list[Runner]:
         return [self.head] + [r for _, r in self.steps]
 
-    def trim(self) -> None:
-        for r in self.runners():
-            trim(r)
-
     def deactivate(self) -> None:
         for r in self.runners():
             r.deactivate()
