@@ -26,12 +26,17 @@ from aldm.errors import ModelError
 FORMAT = "aldm-model"
 # 2: decoder_tiling (the decoder cut for slab-wise decoding), spade_per_class
 # 3: the decoder cut's graphs take and give slabs as (rows, W, D, C) blocks (TILE_LAYOUT)
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1 and 2 decode whole volumes (2's cut, channels first, is not used)
+# 4: an optional component STEP_GRAPH, one whole DDIM step (UNet + update) per call
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 and 2 decode whole volumes (2's cut, channels first, is not used)
 TILE_LAYOUT = "HWDC"  # rows outermost, channels innermost
 MANIFEST = "manifest.json"
 SCHEDULE_FILE = "schedule.npz"
-COMPONENTS = ("encoder", "spade", "unet", "decoder")
+COMPONENTS = ("encoder", "spade", "unet", "decoder")  # every folder has these four
+# The sampler-step graph: inputs x_t, t, c_concat, y (the UNet's), coef (4,) float32 (a row of
+# aldm.runtime.sampler.ddim_coefficients) and noise (like x_t); output x_prev, the update in FP32.
+# Folders before format 4 have none and sample with the numpy loop.
+STEP_GRAPH = "unet_step"
 
 
 @dataclass(frozen=True)
@@ -281,6 +286,11 @@ class ModelDir:
         missing = [c for c in COMPONENTS if c not in self.manifest.components]
         if missing:
             raise ModelError(f"{mpath}: no component {', '.join(missing)}")
+        extra = set(self.manifest.components) - set(COMPONENTS) - (
+            {STEP_GRAPH} if self.manifest.format_version >= 4 else set())
+        if extra:
+            raise ModelError(f"{mpath}: unknown component {', '.join(sorted(extra))} "
+                             f"(format {self.manifest.format_version})")
         check_names(self.path, self.manifest)  # before anything is hashed or opened
         if verify:
             self.verify()
@@ -304,6 +314,11 @@ class ModelDir:
 
     def component(self, name: str) -> ComponentSpec:
         return self.manifest.components[name]
+
+    @property
+    def has_step_graph(self) -> bool:
+        """Whether the folder has the sampler-step graph (format 4 and later, optional)."""
+        return STEP_GRAPH in self.manifest.components
 
     @property
     def precisions(self) -> list[str]:

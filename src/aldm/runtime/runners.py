@@ -38,6 +38,16 @@ class BindingRunner(Runner, Protocol):
     def trim(self) -> None: ...
 
 
+class StepLoopRunner(Runner, Protocol):
+    """A runner of the sampler-step graph (manifest.STEP_GRAPH) that runs the whole DDIM loop
+    where its tensors live (a GPU): c_concat and y bound once per translation, x kept on the
+    device between steps and copied to the host at the end (and for a callback that asks for it).
+    Same noise draws, callbacks and result as aldm.runtime.sampler.ddim_sample_steps."""
+
+    def ddim_loop(self, x_T: np.ndarray, c_concat: np.ndarray, y: np.ndarray, schedule, noise, *,
+                  official_rng: bool = True, callback=None) -> np.ndarray: ...
+
+
 def trim(runner: Runner, give_back: bool = True) -> None:
     """Free a runner's working memory: `trim` where it has one (its graph stays loaded), else
     `deactivate`. give_back: also hand the freed heap back to the system (glibc keeps the freed

@@ -93,13 +93,24 @@ def ddim_schedule(alphas_cumprod: np.ndarray, steps: int, eta: float) -> DDIMSch
     return DDIMSchedule(tau, a, a_prev, sigmas, np.sqrt(f32(1) - a), float(eta))
 
 
-def ddim_step(x: np.ndarray, eps: np.ndarray, j: int, s: DDIMSchedule, z: np.ndarray) -> np.ndarray:
-    """x_t -> x_{t_prev} for index j, with z ~ N(0, I) (float32 throughout)."""
-    a_t, a_prev = f32(s.alphas[j]), f32(s.alphas_prev[j])
-    sigma, s1m = f32(s.sigmas[j]), f32(s.sqrt_one_minus_alphas[j])
+def ddim_coefficients(s: DDIMSchedule) -> np.ndarray:
+    """(S, 4) float32 rows [a_t, a_prev, sigma, sqrt(1 - a_t)] per index j: everything a DDIM
+    update needs, as the float32 values `ddim_step` computes with (the step graph's `coef` input)."""
+    return np.stack([s.alphas, s.alphas_prev, s.sigmas, s.sqrt_one_minus_alphas], axis=1).astype(np.float32)
+
+
+def ddim_update(x: np.ndarray, eps: np.ndarray, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """x_t -> x_{t_prev} from one row of `ddim_coefficients` and z ~ N(0, I) (float32 throughout;
+    the step graph evaluates the same expression, in the same order)."""
+    a_t, a_prev, sigma, s1m = (f32(c) for c in coef)
     x0_hat = (x - s1m * eps) / np.sqrt(a_t)  # 1. predicted x_0
     direction = np.sqrt(f32(1) - a_prev - sigma**2) * eps  # 2. direction pointing to x_t
     return np.sqrt(a_prev) * x0_hat + direction + sigma * z  # 3. x_{t-1}
+
+
+def ddim_step(x: np.ndarray, eps: np.ndarray, j: int, s: DDIMSchedule, z: np.ndarray) -> np.ndarray:
+    """x_t -> x_{t_prev} for index j, with z ~ N(0, I) (float32 throughout)."""
+    return ddim_update(x, eps, ddim_coefficients(s)[j], z)
 
 
 def check_strength(strength: float, name: str = "strength") -> float:
@@ -135,6 +146,10 @@ def noised_start(init: np.ndarray, schedule: DDIMSchedule, noise: Noise) -> np.n
     return (np.sqrt(a) * np.asarray(init, np.float32) + np.sqrt(f32(1) - a) * noise(init.shape)).astype(np.float32)
 
 
+# One whole DDIM step, x_t -> x_{t_prev}: (x, t (B,) int64, coef (4,) float32, z) -> x_prev.
+Step = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
 def ddim_sample(denoise: Denoiser, x_T: np.ndarray, schedule: DDIMSchedule, noise: Noise, *,
                 official_rng: bool = True, callback: Callback = None) -> np.ndarray:
     """Run DDIM from x_T down to τ_0 (ending at ᾱ_0 = 0.9985, as the official sampler does).
@@ -142,17 +157,27 @@ def ddim_sample(denoise: Denoiser, x_T: np.ndarray, schedule: DDIMSchedule, nois
     official_rng: draw a noise every step even when σ = 0 (the official RNG consumption), so
     that a seeded noise stream lines up with the official one; False skips those draws.
     """
+    def step(x: np.ndarray, t: np.ndarray, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return ddim_update(x, denoise(x, t), coef, z)
+
+    return ddim_sample_steps(step, x_T, schedule, noise, official_rng=official_rng, callback=callback)
+
+
+def ddim_sample_steps(step: Step, x_T: np.ndarray, schedule: DDIMSchedule, noise: Noise, *,
+                      official_rng: bool = True, callback: Callback = None) -> np.ndarray:
+    """The DDIM loop over a whole-step function (the numpy update around a denoiser, or a step
+    graph that runs UNet and update in one call); same noise draws and callbacks as ddim_sample."""
     x = np.asarray(x_T, np.float32)
+    coefs = ddim_coefficients(schedule)
     total = len(schedule.timesteps)
     for i in range(total):
         j = total - 1 - i
         t = int(schedule.timesteps[j])
-        eps = denoise(x, np.full((x.shape[0],), t, np.int64))
         if schedule.sigmas[j] > 0 or official_rng:
             z = noise(x.shape)
         else:
             z = np.zeros_like(x)
-        x = ddim_step(x, eps, j, schedule, z)
+        x = step(x, np.full((x.shape[0],), t, np.int64), coefs[j], z)
         if callback is not None:
             callback(i, total, t, x)
     return x
