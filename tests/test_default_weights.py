@@ -206,5 +206,5 @@ def test_torch_backend_finds_the_weights(md):
 
     register()  # what the command line does; the runtime itself never imports torch
     runners = make_runners(md, "torch")
-    assert set(runners) == {"encoder", "spade", "unet", "decoder"}
+    assert set(runners) == {"encoder", "spade", "unet", "decoder", "unet_step"}  # + the step runner
     assert runners["unet"].model.config.scale_factor == pytest.approx(md.manifest.scale_factor)

@@ -91,18 +91,19 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
 
         return trt.engine_runners(model, precision=precision)
     if backend in REGISTERED:
-        return REGISTERED[backend](model)
+        return REGISTERED[backend](model, precision=precision)
     raise BackendError(f"the {backend} backend is not available here: the aldm command line registers it "
                        f"(from Python: aldm.export.torch_backend.register())")
 
 
 # Backends whose runners live above the runtime (the PyTorch reference runs aldm.models): the
 # command line registers them, so the runtime never imports torch or the models.
-REGISTERED: dict[str, Callable[[ModelDir], dict[str, Runner]]] = {}
+REGISTERED: dict[str, Callable[..., dict[str, Runner]]] = {}
 
 
-def register_backend(name: str, make: Callable[[ModelDir], dict[str, Runner]]) -> None:
-    """Make `name` a backend whose runners `make(model)` builds (name must be one of BACKENDS)."""
+def register_backend(name: str, make: Callable[..., dict[str, Runner]]) -> None:
+    """Make `name` a backend whose runners `make(model, precision=...)` builds (name must be one of
+    BACKENDS; precision is the one asked for, or the backend's DEFAULT_PRECISION)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend name {name!r}")
     REGISTERED[name] = make
