@@ -25,6 +25,9 @@ def build(
 ) -> None:
     """Build one engine per component, cached by content: a current engine is reused, a stale one
     (other ONNX, precision, profile, TensorRT version or GPU) is rebuilt."""
+    from aldm.errors import require
+
+    require("onnx", "gpu", "export")  # the FP16 copy and the INT8 graphs are read and written with onnx
     from aldm.export.precision import add_fp16_variant
     from aldm.runtime.manifest import ModelDir
     from aldm.runtime.trt import BuildOptions, tensorrt_version

@@ -31,6 +31,10 @@ def calibrate(
     """Record every component's inputs over the sampler (UNet at every step), then write
     <component>.int8.onnx (static QDQ, per-channel weights). `aldm build --int8` builds TensorRT
     engines from these QDQ graphs (explicit quantization), so calibrate before building."""
+    from aldm.errors import require
+
+    require("onnxruntime", "cpu")  # records inputs on ONNX Runtime, quantizes with its tools
+    require("onnx", "export", "gpu")
     from aldm.calibration.collect import collect
     from aldm.calibration.ort_int8 import add_int8_variant
 
