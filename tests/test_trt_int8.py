@@ -93,7 +93,8 @@ class FakeTensorRT(types.ModuleType):
         self.MemoryPoolType = ns(WORKSPACE="WORKSPACE")
         self.BuilderFlag = ns(TF32="TF32", FP16="FP16", INT8="INT8", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
                               OBEY_PRECISION_CONSTRAINTS="OBEY")
-        self.LayerType = ns(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX")
+        self.LayerType = ns(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", QUANTIZE="QUANTIZE",
+                            DEQUANTIZE="DEQUANTIZE", CONVOLUTION="CONVOLUTION", ELEMENTWISE="ELEMENTWISE")
         self.float32, self.float16 = "float32", "float16"
 
         class Logger:
@@ -249,3 +250,29 @@ def test_the_calibration_is_a_key_field():
     key = lambda cal: trt.engine_key("a" * 64, opts, prof, "10.15.1", "NVIDIA H100", "9.0", cal)  # noqa: E731
     assert trt.key_digest(key("c" * 64)) == trt.key_digest(key("c" * 64))
     assert trt.key_digest(key("c" * 64)) != trt.key_digest(key("d" * 64)) != trt.key_digest(key(None))
+
+
+def test_the_precision_plan_never_pins_quantize_or_dequantize_layers(monkeypatch):
+    """A Q layer on a plan node's output carries the node's name as a prefix; pinning it to FP32
+    would contradict its INT8 output."""
+    from aldm.export.trt_build import plan_layers
+
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+
+    class Layer:
+        def __init__(self, name, type):
+            self.name, self.type, self.num_outputs, self.precision, self.types = name, type, 1, None, {}
+
+        def get_output(self, j):
+            return types.SimpleNamespace(dtype=fake.float16)
+
+        def set_output_type(self, j, t):
+            self.types[j] = t
+
+    layers = [Layer("/emb/Mul", "ELEMENTWISE"), Layer("/emb/Mul_output_0_QuantizeLinear", "QUANTIZE"),
+              Layer("/emb/Mul_output_0_DequantizeLinear", "DEQUANTIZE"), Layer("/conv/Conv", "CONVOLUTION"),
+              Layer("/norm/InstanceNormalization", "NORMALIZATION")]
+    net = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    assert plan_layers(net, {"/emb/Mul"}) == ["/emb/Mul", "/norm/InstanceNormalization"]
+    assert [layer.precision for layer in layers] == ["float32", None, None, None, "float32"]

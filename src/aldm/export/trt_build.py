@@ -25,13 +25,18 @@ from aldm.runtime.trt import (ENGINE_DIR, BuildOptions, current_key, engine_path
 
 def plan_layers(network, fp32_node_names: set[str]) -> list[str]:
     """Pin to FP32 every layer that comes from a plan node (TensorRT names layers after the ONNX
-    node, sometimes with a suffix) and every normalisation/softmax layer."""
+    node, sometimes with a suffix) and every normalisation/softmax layer. Q/DQ layers are never
+    pinned: a QuantizeLinear on a plan node's output is named after that output (`<node>_output_0_
+    QuantizeLinear`) but must produce INT8."""
     import tensorrt as trt
 
     pinned = []
     always = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+    qdq = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
+        if layer.type in qdq:
+            continue
         if layer.type in always or any(layer.name == n or layer.name.startswith(n + "_")
                                        or layer.name.startswith(n + "/") for n in fp32_node_names):
             layer.precision = trt.float32
