@@ -157,9 +157,9 @@ def test_license_and_notice_ship_in_the_wheel_and_the_sdist(tmp_path):
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     out = tmp_path / "out"
     out.mkdir()
-    res = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
-                          "out = sys.argv[1]; w = b.build_wheel(out); s = b.build_sdist(out); print('BUILT', w, s)", str(out)],
-                         cwd=src, capture_output=True, text=True, timeout=600)
+    build = ("import sys; from setuptools import build_meta as b; "  # build_meta rewrites sys.argv: read it first
+             "out = sys.argv[1]; w = b.build_wheel(out); s = b.build_sdist(out); print('BUILT', w, s)")
+    res = subprocess.run([sys.executable, "-c", build, str(out)], cwd=src, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (built,) = [line for line in res.stdout.splitlines() if line.startswith("BUILT ")]  # setuptools logs on stdout
     _, wheel, sdist = built.split()
