@@ -19,7 +19,7 @@ from aldm.runtime.compare import TOLERANCES, compare
 from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
 from conftest import rel_err, synthetic_volume, write_nifti
 
-needs_ov = pytest.mark.skipif(not ov_available(), reason="openvino is not installed (pip install openvino)")
+needs_ov = pytest.mark.skipif(not ov_available(), reason="openvino is not installed (pip install 'aldm[cpu]')")
 
 
 def _feeds(md, component, batch, seed):
@@ -163,7 +163,7 @@ def test_without_openvino_the_backend_says_so_in_one_line(tiny_export, monkeypat
     with pytest.raises(BackendError) as e:
         runner.infer(_feeds(md, "unet", 1, 0))
     assert str(e.value) == ("the ov-cpu backend needs OpenVINO, which is not installed "
-                            "(pip install openvino, or choose --backend ort-cpu)")
+                            "(pip install 'aldm[cpu]', or choose --backend ort-cpu)")
 
     from typer.testing import CliRunner
 

@@ -64,16 +64,15 @@ def describe(exc: BaseException) -> str:
     return one_line(exc) if isinstance(exc, AldmError) else f"{type(exc).__name__}: {one_line(exc)}"
 
 
-def require(module: str, extra: str):
-    """Import an optional dependency or raise an AldmError naming the extra that provides it."""
+def require(module: str, extra: str, *more: str):
+    """Import an optional dependency or raise an AldmError naming the extra(s) that provide it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise AldmError(
-            f"{module} is not installed; install it with `pip install 'aldm[{extra}]'` ({exc})"
-        ) from None
+        how = " or ".join(f"`pip install 'aldm[{e}]'`" for e in (extra, *more))
+        raise AldmError(f"{module} is not installed; install it with {how} ({exc})") from None
 
 
 def exit_now(code: int) -> None:

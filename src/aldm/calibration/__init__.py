@@ -1,3 +1,4 @@
 """Calibration for reduced precision: collect real component inputs by running the sampler over
-source volumes, then quantize for ONNX Runtime (static INT8, QDQ) or feed TensorRT's INT8
-entropy calibrator (`aldm.calibration.trt_calibrator`)."""
+source volumes, then quantize (static INT8, QDQ). ONNX Runtime runs the QDQ graphs as written;
+`aldm build --int8` builds TensorRT engines from the same graphs (explicit quantization,
+`aldm.export.trt_qdq`)."""

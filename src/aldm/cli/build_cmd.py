@@ -14,8 +14,7 @@ from aldm.cli._common import fail, handle_errors, say
 def build(
     model_dir: Annotated[Path, typer.Argument(help="Exported model folder.")],
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="FP16 engines (norms, softmax, quantizer and time embedding stay FP32) or plain FP32.")] = True,
-    int8: Annotated[bool, typer.Option("--int8", help="INT8 engines (FP16 where INT8 does not apply), calibrated on --calib.")] = False,
-    calib: Annotated[Optional[Path], typer.Option(help="Folder of recorded inputs from `aldm calibrate` (INT8 only).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 engines from the QDQ graphs `aldm calibrate` wrote (explicit quantization; FP16 where the graph is not quantized). A new calibration makes them stale.")] = False,
     max_targets: Annotated[int, typer.Option(help="Largest batch the engines accept: targets x sources per call.")] = 3,
     workspace: Annotated[float, typer.Option(help="Builder workspace in GB.")] = 8.0,
     timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file, read and updated (faster rebuilds).")] = None,
@@ -26,6 +25,9 @@ def build(
 ) -> None:
     """Build one engine per component, cached by content: a current engine is reused, a stale one
     (other ONNX, precision, profile, TensorRT version or GPU) is rebuilt."""
+    from aldm.errors import require
+
+    require("onnx", "gpu", "export")  # the FP16 copy and the INT8 graphs are read and written with onnx
     from aldm.export.precision import add_fp16_variant
     from aldm.runtime.manifest import ModelDir
     from aldm.runtime.trt import BuildOptions, tensorrt_version
@@ -43,6 +45,6 @@ def build(
 
     options = BuildOptions(precision, max_targets, workspace, version_compatible, hardware_compatible,
                            not no_cuda_graph)
-    docs = build_engines(model_dir, options, timing_cache=timing_cache, calib_dir=calib, say=say)
+    docs = build_engines(model_dir, options, timing_cache=timing_cache, say=say)
     for c, doc in docs.items():
         typer.echo(f"{c}: {precision} engine {doc['key_digest']} ({doc['build_seconds']} s)")

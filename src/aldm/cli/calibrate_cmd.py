@@ -29,8 +29,12 @@ def calibrate(
     skip_record: Annotated[bool, typer.Option("--skip-record", help="Reuse inputs already recorded in --out.")] = False,
 ) -> None:
     """Record every component's inputs over the sampler (UNet at every step), then write
-    <component>.int8.onnx (static QDQ, per-channel weights). `aldm build --int8 --calib` uses the
-    same recordings for TensorRT's entropy calibrator."""
+    <component>.int8.onnx (static QDQ, per-channel weights). `aldm build --int8` builds TensorRT
+    engines from these QDQ graphs (explicit quantization), so calibrate before building."""
+    from aldm.errors import require
+
+    require("onnxruntime", "cpu")  # records inputs on ONNX Runtime, quantizes with its tools
+    require("onnx", "export", "gpu")
     from aldm.calibration.collect import collect
     from aldm.calibration.ort_int8 import add_int8_variant
 

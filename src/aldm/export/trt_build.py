@@ -25,13 +25,18 @@ from aldm.runtime.trt import (ENGINE_DIR, BuildOptions, current_key, engine_path
 
 def plan_layers(network, fp32_node_names: set[str]) -> list[str]:
     """Pin to FP32 every layer that comes from a plan node (TensorRT names layers after the ONNX
-    node, sometimes with a suffix) and every normalisation/softmax layer."""
+    node, sometimes with a suffix) and every normalisation/softmax layer. Q/DQ layers are never
+    pinned: a QuantizeLinear on a plan node's output is named after that output (`<node>_output_0_
+    QuantizeLinear`) but must produce INT8."""
     import tensorrt as trt
 
     pinned = []
     always = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+    qdq = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
+        if layer.type in qdq:
+            continue
         if layer.type in always or any(layer.name == n or layer.name.startswith(n + "_")
                                        or layer.name.startswith(n + "/") for n in fp32_node_names):
             layer.precision = trt.float32
@@ -42,9 +47,26 @@ def plan_layers(network, fp32_node_names: set[str]) -> list[str]:
     return pinned
 
 
+def parser_errors(parser) -> str:
+    return "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+
+
+def int8_network(parser, qdq_path: Path) -> bool:
+    """Parse the INT8 variant `aldm calibrate` wrote, made symmetric for TensorRT
+    (`aldm.export.trt_qdq`); returns whether it quantizes anything (a component the variant keeps
+    in float is its FP32 graph: no Q/DQ, so no INT8 flag)."""
+    import onnx
+
+    from aldm.export.trt_qdq import has_qdq, tensorrt_qdq
+
+    qdq = tensorrt_qdq(onnx.load(str(qdq_path)))
+    if not parser.parse(qdq.SerializeToString(), str(qdq_path)):
+        raise BackendError(f"TensorRT could not parse {qdq_path.name}: {parser_errors(parser)}")
+    return has_qdq(qdq)
+
+
 def build_component(model: ModelDir, component: str, options: BuildOptions, *,
-                    timing_cache: Path | None = None, calib_dir: Path | None = None,
-                    say: Callable[[str], None] = print) -> dict:
+                    timing_cache: Path | None = None, say: Callable[[str], None] = print) -> dict:
     import onnx
     import tensorrt as trt
 
@@ -62,9 +84,11 @@ def build_component(model: ModelDir, component: str, options: BuildOptions, *,
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    quantized = False
+    if options.precision == "int8":  # explicit quantization: the network is the calibrated QDQ graph
+        quantized = int8_network(parser, model.component_file(component, "int8"))
+    elif not parser.parse_from_file(str(onnx_path)):
+        raise BackendError(f"TensorRT could not parse {onnx_path.name}: {parser_errors(parser)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
     config.clear_flag(trt.BuilderFlag.TF32)
@@ -77,15 +101,8 @@ def build_component(model: ModelDir, component: str, options: BuildOptions, *,
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = plan_layers(network, fp32_nodes(onnx.load(str(onnx_path), load_external_data=False)))
         say(f"{component}: {len(pinned)} of {network.num_layers} layers pinned to FP32")
-    if options.precision == "int8":
-        from aldm.calibration.trt_calibrator import make_calibrator
-
-        if calib_dir is None:
-            raise BackendError("an INT8 build needs --calib DIR (recorded inputs from `aldm calibrate`)")
+    if quantized:  # the Q/DQ scales come from `aldm calibrate`; no calibrator (deprecated in TRT 10.1)
         config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = make_calibrator(calib_dir, component, model.component(component),
-                                                 engine.with_suffix(".calib"))
-        config.set_calibration_profile(prof)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if options.hardware_compatible:
@@ -111,8 +128,8 @@ def build_component(model: ModelDir, component: str, options: BuildOptions, *,
 
 
 def build_engines(model_dir: str | Path, options: BuildOptions, *, timing_cache: Path | None = None,
-                  calib_dir: Path | None = None, say: Callable[[str], None] = print) -> dict[str, dict]:
+                  say: Callable[[str], None] = print) -> dict[str, dict]:
     model = ModelDir(model_dir)
     clean_partials(model.path / ENGINE_DIR)  # what a killed build left behind
-    return {c: build_component(model, c, options, timing_cache=timing_cache, calib_dir=calib_dir, say=say)
+    return {c: build_component(model, c, options, timing_cache=timing_cache, say=say)
             for c in COMPONENTS}

@@ -21,8 +21,10 @@ CPU_BACKENDS = ("ov-cpu", "ort-cpu")
 
 
 def ort_cuda_available() -> bool:
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:  # no ONNX Runtime at all: the ort-cpu runner says which extra installs it
+        return False
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 

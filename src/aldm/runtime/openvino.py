@@ -32,7 +32,7 @@ from aldm.errors import BackendError, ModelError
 from aldm.runtime.manifest import ComponentSpec
 from aldm.runtime.runners import check_feeds, check_out
 
-INSTALL_HINT = "pip install openvino, or choose --backend ort-cpu"
+INSTALL_HINT = "pip install 'aldm[cpu]', or choose --backend ort-cpu"
 MAX_COMPILED = 4  # static compiles kept per component (each holds its own repacked weights)
 
 # OpenVINO's messages are several lines: where it was thrown ("Exception from src/...:84:"), the

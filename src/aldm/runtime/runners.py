@@ -12,8 +12,10 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-from aldm.errors import BackendError, InputError, ModelError
+from aldm.errors import BackendError, InputError, ModelError, require
 from aldm.runtime.manifest import ComponentSpec
+
+ORT = ("onnxruntime", "cpu", "gpu")  # the module and the extras that install it (CPU or CUDA build)
 
 
 class Runner(Protocol):
@@ -122,13 +124,13 @@ class OrtRunner:
     def activate(self) -> None:
         if self.session is not None:
             return
-        import onnxruntime as ort
+        ort = require(*ORT)
 
         providers: Sequence[str] = ["CPUExecutionProvider"]
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("onnxruntime has no CUDA execution provider "
-                                   "(install onnxruntime-gpu and a CUDA runtime)")
+                raise BackendError("onnxruntime has no CUDA execution provider (pip install 'aldm[gpu]' "
+                                   "into an environment without the CPU onnxruntime, and a CUDA runtime)")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         opts = ort.SessionOptions()
         if self.threads:

@@ -3,7 +3,8 @@ runner. Engines are built by `aldm build` (`aldm.export.trt_build`).
 
 An engine is current only if its JSON sidecar matches, field for field, the key it would be
 built with now: sha256 of the ONNX bytes, precision, optimisation profile, build flags,
-TensorRT version, GPU name and compute capability. Anything else is stale.
+TensorRT version, GPU name and compute capability, and for INT8 the sha256 of the calibrated QDQ
+graph the engine is parsed from. Anything else is stale.
 
 The sidecar is also the engine's registration: its `engine_sha256` is the only thing that lets a
 plan be deserialised. TrtRunner reads the engine once, hashes those bytes, compares them with the
@@ -52,10 +53,12 @@ def profile(spec: ComponentSpec, max_batch: int) -> dict[str, tuple[tuple[int, .
 
 
 def engine_key(onnx_sha256: str, options: BuildOptions, prof: Mapping[str, Any], trt_version: str,
-               gpu_name: str, compute_capability: str) -> dict[str, Any]:
-    """Everything that determines an engine; stored beside it and compared on every use."""
+               gpu_name: str, compute_capability: str, calibration_sha256: str | None = None) -> dict[str, Any]:
+    """Everything that determines an engine; stored beside it and compared on every use.
+    `calibration_sha256`: for INT8, the sha256 of the QDQ graph `aldm calibrate` wrote (its scales
+    are the calibration), so a new calibration makes the old engine stale."""
     return {
-        "onnx_sha256": onnx_sha256, "precision": options.precision,
+        "onnx_sha256": onnx_sha256, "precision": options.precision, "calibration_sha256": calibration_sha256,
         "profile": {k: [list(s) for s in v] for k, v in prof.items()},
         "version_compatible": options.version_compatible,
         "hardware_compatible": options.hardware_compatible,
@@ -109,9 +112,12 @@ def current_key(model: ModelDir, component: str, options: BuildOptions) -> dict[
     if version is None or gpu is None:
         return None
     onnx_file = model.component_file(component, "fp32")
+    calibration = None
+    if options.precision == "int8":  # the engine is parsed from the calibrated QDQ graph
+        calibration = model.manifest.files[model.component_file(component, "int8").name]
     return engine_key(model.manifest.files[onnx_file.name], options,
                       profile(model.component(component), options.max_targets), version,
-                      gpu.name, gpu.compute_capability)
+                      gpu.name, gpu.compute_capability, calibration)
 
 
 def read_options(model: ModelDir, precision: str) -> BuildOptions | None:
