@@ -268,7 +268,7 @@ class EngineMemory:
                    else engine.device_memory_size)
         if self.stream is None:
             self.stream = Stream()
-        if self.block is None or self.block.nbytes < size:
+        if size > 0 and (self.block is None or self.block.nbytes < size):
             self._grow(size)
         self.contexts[id(context)] = (context, name)
         self._point(context, name)
@@ -285,10 +285,11 @@ class EngineMemory:
             old.free()
 
     def _point(self, context, name: str) -> None:
+        ptr, size = (self.block.ptr, self.block.nbytes) if self.block is not None else (0, 0)  # none needed
         if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: with its size
-            context.set_device_memory(self.block.ptr, self.block.nbytes)
+            context.set_device_memory(ptr, size)
         else:
-            context.device_memory = self.block.ptr
+            context.device_memory = ptr
 
     def release(self, context) -> None:
         """Forget a context; with the last one, free the block and the stream."""
