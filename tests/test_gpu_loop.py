@@ -195,7 +195,14 @@ def fake_compute(component, ins):
     if component == STEP_GRAPH:
         eps = fake_eps(ins["x_t"], ins["t"], ins["c_concat"], ins["y"])
         return {"x_prev": S.ddim_update(ins["x_t"], eps, ins["coef"], ins["noise"]).astype(f32)}
-    return None  # the others: a constant per output
+    return None  # the others: see FakeContext.execute_async_v3
+
+
+def row_mean(first, shape):
+    """The encoder, SPADE and decoder stand-in: each output row is 0.5 + the mean of that row of
+    the first input (so a volume depends on the latent it was decoded from)."""
+    m = first.reshape(first.shape[0], -1).astype(np.float64).mean(1).astype(f32)
+    return np.broadcast_to((f32(0.5) + m).reshape((-1,) + (1,) * (len(shape) - 1)), shape)
 
 
 _TRT_DTYPE = {"float32": "FLOAT", "int64": "INT64", "float16": "HALF"}
@@ -370,7 +377,7 @@ class FakeContext:
         def run():
             ins = {t.name: self.rt.read(addr[t.name], shapes[t.name], t.dtype) for t in spec.inputs}
             outs = fake_compute(self.engine.component, ins) or {
-                t.name: np.full(out_shapes[t.name], 0.5, t.dtype) for t in spec.outputs}
+                t.name: row_mean(ins[spec.inputs[0].name], out_shapes[t.name]) for t in spec.outputs}
             for t in spec.outputs:
                 self.rt.write(addr[t.name], np.asarray(outs[t.name], t.dtype).reshape(out_shapes[t.name]))
             self.executed += 1
@@ -591,6 +598,75 @@ def test_the_cli_progress_callback_does_not_ask_for_x():
     assert not S.wants_x(cb) and S.wants_x(lambda *a: None) and not S.wants_x(None)
     cb(0, 1, 1, np.ones(1))
     assert seen == [None]  # the same on every backend: a progress callback never sees x
+
+
+def test_a_translation_through_the_pipeline_runs_the_loop_on_the_device(gpu):
+    """Pipeline level: 2 targets, 10 steps, eta 0, the CLI's kind of callback (progress only)."""
+    import inspect
+
+    from aldm.runtime.manifest import sample_feeds
+    from aldm.runtime.pipeline import Pipeline
+
+    if "ddim_loop" not in inspect.getsource(Pipeline.sample):
+        pytest.skip("Pipeline.sample does not call a step runner's ddim_loop yet (the step graph's part)")
+    rt = gpu.rt
+    x = sample_feeds(gpu.model.component("encoder"), 1, 0)["x"]
+    runners = trt.engine_runners(gpu.model, precision="fp32")
+    with Pipeline(gpu.model, runners) as pipe:
+        a = pipe.translate(x, ["t2", "flair"], steps=10, eta=0.0, seed=0,
+                           callback=S.progress_only(lambda *args: None))
+        step_calls = [(m, args) for comp, m, args in gpu.trt.calls if comp == STEP_GRAPH]
+        bound = lambda name: {args[1] for m, args in step_calls if m == "set_tensor_address" and args[0] == name}  # noqa: E731
+        assert len(copies_to(rt, bound("c_concat"), "htod")) == 1
+        assert len(copies_to(rt, bound("y"), "htod")) == 1
+        assert len(bound("x_t")) == 2 and bound("x_t") == bound("x_prev")
+        assert len([c for c in rt.copies if c["kind"] == "dtoh" and c["src"] in bound("x_t")]) == 1
+        assert not any(m == "execute_async_v3" for comp, m, _ in gpu.trt.calls if comp == "unet")
+    assert rt.graphs == {} and rt.device == {}  # closing the pipeline released every graph and buffer
+    host = {k: v for k, v in trt.engine_runners(gpu.model, precision="fp32").items() if k != STEP_GRAPH}
+    with Pipeline(gpu.model, host) as pipe:  # the four engines and the host loop: the same volumes
+        b = pipe.translate(x, ["t2", "flair"], steps=10, eta=0.0, seed=0)
+    for k in a.volumes:
+        np.testing.assert_array_equal(a.volumes[k], b.volumes[k])
+
+
+@pytest.mark.gpu
+def test_the_device_loops_match_the_host_loop_on_a_real_gpu(tiny_export, tmp_path):
+    """The real thing: TensorRT (fp32 engines) and ONNX Runtime CUDA, step graph vs host loop."""
+    from aldm.runtime.cuda import gpu_info
+
+    md = ModelDir(tiny_export)
+    if not md.has_step_graph:
+        pytest.skip("the tiny export has no step graph (aldm export writes it from format 4 on)")
+    if gpu_info() is None:
+        pytest.skip("no CUDA GPU on this machine")
+    from aldm.runtime.backends import make_runners, ort_cuda_available
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_export, d)
+    md = ModelDir(d)
+    x_T, c, y, sched = loop_inputs(md, batch=2, steps=10, eta=1.0)
+    ref_runner = make_runners(md, "ort-cpu")["unet"]
+    denoise = lambda x, t: ref_runner.infer({"x_t": x, "t": t, "c_concat": c, "y": y})["eps"]  # noqa: E731
+    ref = S.ddim_sample(denoise, x_T, sched, S.gaussian_noise(np.random.default_rng(0)))
+    ran = 0
+    if trt.tensorrt_version() is not None:
+        from aldm.export.trt_build import build_engines
+
+        build_engines(d, trt.BuildOptions("fp32", 2))
+        runners = trt.engine_runners(md, precision="fp32")
+        out = runners[STEP_GRAPH].ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)))
+        for r in runners.values():
+            r.deactivate()
+        assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+        ran += 1
+    if ort_cuda_available():
+        step = make_runners(md, "ort-cuda")[STEP_GRAPH]
+        out = step.ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)))
+        assert np.abs(out - ref).max() <= 1e-3 * np.abs(ref).max()
+        ran += 1
+    if not ran:
+        pytest.skip("neither TensorRT nor onnxruntime-gpu is installed here")
 
 
 # ----------------------------------------------------------------------------- fake onnxruntime
