@@ -371,10 +371,12 @@ class FakeContext:
             return False
         assert self.memory is not None, "executed without device memory"
         spec = self.engine.spec
-        addr, shapes = dict(self.addresses), dict(self.shapes)  # read now, as TensorRT does
+        addr, shapes, mem = dict(self.addresses), dict(self.shapes), self.memory  # read now, as TensorRT does
         out_shapes = {t.name: tuple(self.get_tensor_shape(t.name)) for t in spec.outputs}
 
         def run():
+            # a graph replayed after the scratch block moved would run in freed memory
+            assert mem[1] == 0 or self.rt.where(*mem) == "device", "ran in a freed scratch block"
             ins = {t.name: self.rt.read(addr[t.name], shapes[t.name], t.dtype) for t in spec.inputs}
             outs = fake_compute(self.engine.component, ins) or {
                 t.name: row_mean(ins[spec.inputs[0].name], out_shapes[t.name]) for t in spec.outputs}
@@ -546,6 +548,23 @@ def test_one_scratch_block_shared_by_every_context_sized_to_the_largest(gpu):
     assert rt.device == {}
 
 
+def test_graphs_captured_before_the_scratch_block_grew_are_recaptured(gpu):
+    """The step engine runs (graphs captured against the first block), then the decoder, which
+    needs more scratch, is activated: the block moves, so the old graphs must not be replayed."""
+    rt = gpu.rt
+    runners = trt.engine_runners(gpu.model, precision="fp32")
+    step = runners[STEP_GRAPH]
+    x_T, c, y, sched = loop_inputs(gpu.model, batch=2, steps=10, eta=0.0)
+    first = step.ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)))
+    captured = dict(rt.graphs)
+    runners["decoder"].activate()  # 5000 bytes of scratch: the block grows
+    assert not set(captured) & set(rt.graphs)  # the old graphs were destroyed
+    again = step.ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)))  # fake asserts the block
+    np.testing.assert_array_equal(first, again)
+    for r in runners.values():
+        r.deactivate()
+
+
 def test_the_four_engine_path_still_works_and_reuses_its_buffers(gpu):
     rt = gpu.rt
     runners = trt.engine_runners(gpu.model, precision="fp32")
@@ -565,12 +584,18 @@ def test_the_four_engine_path_still_works_and_reuses_its_buffers(gpu):
 def test_a_batch_above_the_profile_is_a_clear_error_before_any_tensorrt_call(gpu):
     runners = trt.engine_runners(gpu.model, precision="fp32")
     x_T, c, y, sched = loop_inputs(gpu.model, batch=3, steps=10)  # profile: 1..2
-    before = len(gpu.trt.calls)
-    with pytest.raises(BackendError, match=r"unet_step: batch 3 is above the TensorRT engine's maximum 2"):
-        runners[STEP_GRAPH].ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)))
-    with pytest.raises(BackendError, match=r"unet: batch 3 is above .* maximum 2"):
-        runners["unet"].infer({"x_t": x_T, "t": np.zeros(3, np.int64), "c_concat": c, "y": y})
-    assert [m for _, m, _ in gpu.trt.calls[before:] if m != "set_device_memory"] == []
+    feeds = {"x_t": x_T, "t": np.zeros(3, np.int64), "c_concat": c, "y": y}
+    for active in (False, True):  # by the registration before loading, by the engine's profile after
+        if active:
+            runners[STEP_GRAPH].activate()
+            runners["unet"].activate()
+        before = len(gpu.trt.calls)
+        with pytest.raises(BackendError, match=r"unet_step: batch 3 is above the TensorRT engine's maximum 2"):
+            runners[STEP_GRAPH].ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)))
+        with pytest.raises(BackendError, match=r"unet: batch 3 is above .* maximum 2"):
+            runners["unet"].infer(feeds)
+        assert gpu.trt.calls[before:] == []  # not one TensorRT call
+    assert runners["unet"].max_batch == 2  # read from the engine's profile
 
 
 @pytest.mark.parametrize("cuda_graph", [True, False])

@@ -245,14 +245,16 @@ class EngineMemory:
 
     Contexts are created without device memory (ExecutionContextAllocationStrategy.USER_MANAGED,
     or create_execution_context_without_device_memory before TensorRT 10) and pointed at the block;
-    when an engine that needs more is activated, the block grows and every context is re-pointed."""
+    when an engine that needs more is activated, the block grows, every context is re-pointed and
+    every captured CUDA graph is dropped (a graph bakes in the scratch addresses it was captured with)."""
 
     def __init__(self):
         self.stream = None
         self.block = None  # DeviceBuffer
-        self.contexts: dict[int, tuple[Any, str]] = {}
+        self.contexts: dict[int, tuple[Any, str, Any]] = {}  # id -> (context, name, on_move)
 
-    def create_context(self, engine, name: str):
+    def create_context(self, engine, name: str, on_move=lambda: None):
+        """A context pointed at the shared block; `on_move()` is called before the block moves."""
         import tensorrt as trt
 
         from aldm.runtime.cuda import Stream
@@ -270,7 +272,7 @@ class EngineMemory:
             self.stream = Stream()
         if size > 0 and (self.block is None or self.block.nbytes < size):
             self._grow(size)
-        self.contexts[id(context)] = (context, name)
+        self.contexts[id(context)] = (context, name, on_move)
         self._point(context, name)
         return context
 
@@ -278,8 +280,10 @@ class EngineMemory:
         from aldm.runtime.cuda import DeviceBuffer
 
         self.stream.sync()  # nothing may still run in the old block
+        for _, _, on_move in self.contexts.values():
+            on_move()
         old, self.block = self.block, DeviceBuffer(size)
-        for context, name in self.contexts.values():
+        for context, name, _ in self.contexts.values():
             self._point(context, name)
         if old is not None:
             old.free()
@@ -330,7 +334,7 @@ class TrtRunner:
         import tensorrt as trt
 
         self.runtime, self.engine = load_engine(self.path, self.registration)
-        self.context = self.memory.create_context(self.engine, self.spec.name)
+        self.context = self.memory.create_context(self.engine, self.spec.name, on_move=self.drop_graphs)
         self.stream = self.memory.stream
         self._io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in self._io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -342,10 +346,14 @@ class TrtRunner:
             self.max_batch = self.registration.options.max_targets
 
     def check_batch(self, batch: int) -> None:
-        """A batch the engine's optimisation profile does not cover is refused before any call."""
-        if self.max_batch is not None and batch > self.max_batch:
+        """A batch the engine's optimisation profile does not cover is refused before any call:
+        before activation by the registered build options, after it by the engine's profile."""
+        limit = self.max_batch
+        if limit is None and self.registration is not None:
+            limit = self.registration.options.max_targets
+        if limit is not None and batch > limit:
             raise BackendError(f"{self.spec.name}: batch {batch} is above the TensorRT engine's maximum "
-                               f"{self.max_batch} (targets x sources); translate fewer at once or "
+                               f"{limit} (targets x sources); translate fewer at once or "
                                f"rebuild with `aldm build --max-targets {batch}`")
 
     def call(self, ok, what: str) -> None:
@@ -390,8 +398,9 @@ class TrtRunner:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
-        self.activate()
         batch = next((feeds[t.name].shape[0] for t in self.spec.inputs if t.shape and t.shape[0] == "batch"), 1)
+        self.check_batch(batch)
+        self.activate()
         self.check_batch(batch)
         shapes = tuple(feeds[n].shape for n in self._inputs)
         for n in self._inputs:

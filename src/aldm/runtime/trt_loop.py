@@ -34,6 +34,7 @@ class TrtStepRunner(TrtRunner):
         """Same noise draws, callbacks and result as sampler.ddim_sample_steps over this engine."""
         x_T = np.asarray(x_T, np.float32)
         shape, batch = x_T.shape, x_T.shape[0]
+        self.check_batch(batch)
         self.activate()
         self.check_batch(batch)
         dt = self._dtype
