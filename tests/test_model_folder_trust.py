@@ -203,6 +203,9 @@ def fake_trt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
 
     class Stream:  # no CUDA here
+        def sync(self):
+            pass
+
         def destroy(self):
             pass
 

@@ -98,13 +98,10 @@ def test_callback_gets_x_unless_it_says_it_needs_none(tiny_model, inputs):
     np.testing.assert_array_equal(seen[-1][3], final)
     assert runner.downloads == 4 + 1
 
-    def progress(i, n, t, x):
-        seen.append(x)
-
-    progress.needs_x = False
     seen.clear()
     runner = TorchStepRunner(tiny_model, "cpu")
-    runner.ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)), callback=progress)
+    runner.ddim_loop(x_T, c, y, sched, S.gaussian_noise(np.random.default_rng(0)),
+                     callback=S.progress_only(lambda i, n, t, x: seen.append(x)))
     assert seen == [None] * 4 and runner.downloads == 1
 
 

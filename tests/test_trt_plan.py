@@ -111,6 +111,7 @@ class FakeTensorRT(types.ModuleType):
         self.BuilderFlag = ns(TF32="TF32", FP16="FP16", INT8="INT8", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
                               OBEY_PRECISION_CONSTRAINTS="OBEY")
         self.TensorIOMode = ns(INPUT="INPUT", OUTPUT="OUTPUT")
+        self.ExecutionContextAllocationStrategy = ns(USER_MANAGED=2)
 
         class Logger:
             WARNING = 2
@@ -158,9 +159,10 @@ class FakeTensorRT(types.ModuleType):
 
         class Engine:
             num_io_tensors = 0
+            device_memory_size_v2 = 0  # no scratch memory: nothing to allocate
 
-            def create_execution_context(self):
-                return object()
+            def create_execution_context(self, strategy):
+                return ns(set_device_memory=lambda ptr, size: None)
 
         class Runtime:
             def __init__(self, logger):
@@ -185,6 +187,9 @@ def fake_gpu(monkeypatch, tiny_export, tmp_path):
     monkeypatch.setattr(cuda, "gpu_info", lambda device=0: cuda.GpuInfo("Fake GPU", "9.0", 80.0))
 
     class Stream:
+        def sync(self):
+            pass
+
         def destroy(self):
             pass
 

@@ -37,6 +37,7 @@ from aldm import MODALITY_ALIASES
 from aldm.atomic import atomic_path, clean_partials  # noqa: F401 - clean_partials: the batch's cleanup
 from aldm.errors import AldmError, InputError, UsageError, describe, exit_now
 from aldm.nifti import NIFTI_SUFFIXES, stem
+from aldm.runtime.sampler import progress_only
 
 ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz")
 WAIT_S = 0.2  # every queue wait times out this often to look at the stop flag and its peer thread
@@ -451,7 +452,7 @@ def run_local(translator, source: Path, cases: list[Case], out: Path, *, prefetc
             seed = translator.seed_for(case.id)
             t0 = time.perf_counter()
             try:
-                tr = translator.compute(prep, seed, callback=check_stop)
+                tr = translator.compute(prep, seed, callback=progress_only(check_stop))
             except Stop:
                 record(Record(case.id, "interrupted", "stopped while computing", seed=seed), case)
                 continue

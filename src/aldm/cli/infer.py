@@ -12,6 +12,7 @@ import typer
 
 from aldm.cli._common import fail, say, split_list
 from aldm.errors import AldmError, UsageError, one_line
+from aldm.runtime.sampler import progress_only
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS
 
 app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -111,7 +112,7 @@ def infer(
                     bar.update(task, total=n, completed=i + 1)
 
             try:
-                res = translator.run(src, callback=on_step, on_stage=on_stage)
+                res = translator.run(src, callback=progress_only(on_step), on_stage=on_stage)
             except UsageError as exc:
                 fail(str(exc), exc.exit_code)
             except AldmError as exc:

@@ -101,7 +101,7 @@ class TorchStepRunner:
     with host arrays. `ddim_loop` runs the whole loop where the model lives: x_T, c_concat, y, the
     timesteps and the coefficient table are uploaded once, x stays on the device between steps,
     and the result is copied to the host once at the end. A callback gets x on the host each
-    step (a copy) unless it sets `callback.needs_x = False` (then it gets None and no copy is made).
+    step (a copy) unless aldm.runtime.sampler.progress_only marked it (then it gets None and no copy is made).
 
     Noise: the host `noise` callable is drawn exactly as the numpy loop draws it (every step with
     official_rng, even where sigma is 0), so a seeded translation replays the numpy noise stream; a
@@ -177,13 +177,13 @@ class TorchStepRunner:
         """The DDIM loop of aldm.runtime.sampler.ddim_sample_steps with every tensor on the device."""
         import torch
 
-        from aldm.runtime.sampler import ddim_coefficients
+        from aldm.runtime.sampler import ddim_coefficients, wants_x
 
         self.activate()
         sigmas = np.asarray(schedule.sigmas)
         taus = np.asarray(schedule.timesteps, np.int64)
         total = len(taus)
-        needs_x = callback is not None and getattr(callback, "needs_x", True)
+        needs_x = wants_x(callback)
         with torch.inference_mode():
             x = self._up(np.asarray(x_T, np.float32))
             c = self._up(np.asarray(c_concat, np.float32))

@@ -18,9 +18,9 @@ from typing import Callable
 
 from aldm.atomic import clean_partials, write_bytes, write_text
 from aldm.errors import BackendError
-from aldm.runtime.manifest import COMPONENTS, ModelDir
-from aldm.runtime.trt import (ENGINE_DIR, BuildOptions, current_key, engine_paths, is_current, profile,
-                              sidecar_doc)
+from aldm.runtime.manifest import ModelDir
+from aldm.runtime.trt import (ENGINE_DIR, BuildOptions, current_key, engine_components, engine_paths, is_current,
+                              profile, sidecar_doc)
 
 
 def plan_layers(network, fp32_node_names: set[str]) -> list[str]:
@@ -132,4 +132,4 @@ def build_engines(model_dir: str | Path, options: BuildOptions, *, timing_cache:
     model = ModelDir(model_dir)
     clean_partials(model.path / ENGINE_DIR)  # what a killed build left behind
     return {c: build_component(model, c, options, timing_cache=timing_cache, say=say)
-            for c in COMPONENTS}
+            for c in engine_components(model, options.precision)}  # the step graph's too, where the folder has it

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from aldm.errors import BackendError, UsageError
-from aldm.runtime.manifest import COMPONENTS, ModelDir
+from aldm.runtime.manifest import COMPONENTS, STEP_GRAPH, ModelDir
 from aldm.runtime.runners import OrtRunner, Runner, trim
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ov-cpu", "trt", "torch")
@@ -81,8 +81,14 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
     precision = precision or DEFAULT_PRECISION[backend]
     if backend in ("ort-cpu", "ort-cuda"):
         device = backend.split("-")[1]
-        return {c: OrtRunner(model.component_file(c, precision), model.component(c), device=device,
-                             threads=threads, precision=precision) for c in COMPONENTS}
+        runners = {c: OrtRunner(model.component_file(c, precision), model.component(c), device=device,
+                                threads=threads, precision=precision) for c in COMPONENTS}
+        if device == "cuda" and model.has_step_graph and precision == "fp32":  # the loop on the GPU
+            from aldm.runtime.ort_loop import OrtStepRunner
+
+            runners[STEP_GRAPH] = OrtStepRunner(model.component_file(STEP_GRAPH), model.component(STEP_GRAPH),
+                                                device=device, threads=threads)
+        return runners
     if backend == "ov-cpu":
         from aldm.runtime.openvino import OvRunner
 

@@ -22,6 +22,21 @@ Callback = Optional[Callable[[int, int, int, np.ndarray], None]]
 f32 = np.float32
 
 
+def progress_only(callback: Callable[[int, int, int, None], None]) -> Callable:
+    """Mark a step callback that does not look at x (a progress bar, a cancel check): it is called
+    with x = None, and a loop on a GPU need not copy x to the host for it each step."""
+    def progress(i: int, total: int, t: int, x) -> None:
+        callback(i, total, t, None)
+
+    progress.wants_x = False
+    return progress
+
+
+def wants_x(callback: Callback) -> bool:
+    """Whether a step callback needs x (every callback does unless `progress_only` marked it)."""
+    return callback is not None and getattr(callback, "wants_x", True)
+
+
 def gaussian_noise(rng: np.random.Generator) -> Noise:
     """Standard normal float32 draws from a numpy Generator."""
     return lambda shape: rng.standard_normal(shape, dtype=np.float32)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from aldm.errors import BackendError
-from aldm.runtime.manifest import COMPONENTS, ComponentSpec, ModelDir
+from aldm.runtime.manifest import COMPONENTS, STEP_GRAPH, ComponentSpec, ModelDir
 from aldm.runtime.runners import check_feeds
 
 ENGINE_DIR = "engines"
@@ -48,7 +48,7 @@ def profile(spec: ComponentSpec, max_batch: int) -> dict[str, tuple[tuple[int, .
     fixed by the manifest."""
     if max_batch < 1:
         raise BackendError(f"max batch must be >= 1, got {max_batch}")
-    opt = max_batch if spec.name in ("spade", "unet") else 1
+    opt = max_batch if spec.name in ("spade", "unet", STEP_GRAPH) else 1
     return {t.name: (t.concrete(1), t.concrete(opt), t.concrete(max_batch)) for t in spec.inputs}
 
 
@@ -71,9 +71,9 @@ def key_digest(key: Mapping[str, Any]) -> str:
 
 
 def engine_paths(model: ModelDir, component: str, precision: str) -> tuple[Path, Path]:
-    if component not in COMPONENTS or precision not in PRECISIONS:
+    if component not in COMPONENTS + (STEP_GRAPH,) or precision not in PRECISIONS:
         raise BackendError(f"no engine for {component!r} at precision {precision!r}; components: "
-                           f"{', '.join(COMPONENTS)}, precisions: {', '.join(PRECISIONS)}")
+                           f"{', '.join(COMPONENTS + (STEP_GRAPH,))}, precisions: {', '.join(PRECISIONS)}")
     base = model.path / ENGINE_DIR / f"{component}.{precision}.plan"
     return base, sidecar_path(base)
 
@@ -132,7 +132,8 @@ def read_options(model: ModelDir, precision: str) -> BuildOptions | None:
 
 
 def engines_usable(model: ModelDir, precision: str = "fp16") -> bool:
-    """TensorRT, a GPU and current engines of every component are all present."""
+    """TensorRT, a GPU and current engines of the four components are all present (the step
+    engine is optional: without a current one the pipeline runs the host loop)."""
     options = read_options(model, precision)
     if options is None:
         return False
@@ -208,18 +209,36 @@ def load_engine(path: Path, reg: Registration | None = None):
     return runtime, engine
 
 
+def engine_components(model: ModelDir, precision: str = "fp32") -> tuple[str, ...]:
+    """The components that get an engine: the four, and the sampler-step graph where the folder has
+    it (at INT8 only where `aldm calibrate` quantized it too: its engine is parsed from that graph)."""
+    step = model.has_step_graph and (precision != "int8" or STEP_GRAPH in model.manifest.variants.get("int8", {}))
+    return COMPONENTS + ((STEP_GRAPH,) if step else ())
+
+
 def engine_runners(model: ModelDir, *, precision: str = "fp16") -> dict[str, "TrtRunner"]:
+    """Runners for the four engines, plus the step engine's (`TrtStepRunner`, the DDIM loop on the
+    GPU) where the folder has a step graph and its engine is current: without it the pipeline
+    runs the host loop over the UNet engine. All share one stream and one scratch block."""
     if tensorrt_version() is None:
         raise BackendError("TensorRT is not installed (pip install 'aldm[gpu]' from NVIDIA's index)")
     if not engines_usable(model, precision):
         raise BackendError(f"no current {precision} TensorRT engines for {model.path} on this GPU "
                            f"and TensorRT version; build them with `aldm build {model.path}`")
+    from aldm.runtime.trt_loop import TrtStepRunner
+
+    memory = EngineMemory()
     runners = {}
-    for c in COMPONENTS:
-        engine = engine_paths(model, c, precision)[0]
+    for c in engine_components(model, precision):
+        engine, side = engine_paths(model, c, precision)
+        if c == STEP_GRAPH:
+            key = current_key(model, c, read_options(model, precision))
+            if key is None or not is_current(side, key, engine):
+                continue  # built before the folder had its step graph: the host loop
         reg = registration(engine)
-        runners[c] = TrtRunner(engine, model.component(c), cuda_graph=reg.options.cuda_graph and c == "unet",
-                               registration=reg)
+        cls = TrtStepRunner if c == STEP_GRAPH else TrtRunner
+        runners[c] = cls(engine, model.component(c), registration=reg, memory=memory,
+                         cuda_graph=reg.options.cuda_graph and c in ("unet", STEP_GRAPH))
     return runners
 
 
@@ -227,90 +246,235 @@ _NP = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.i
        "BOOL": np.bool_}
 
 
+class EngineMemory:
+    """What the engines of one model share on the GPU: one stream (they run one after another) and
+    one scratch block for their execution contexts, sized to the largest engine's need (as
+    TensorRT's diffusion demo does), instead of one volume-sized block per engine.
+
+    Contexts are created without device memory (ExecutionContextAllocationStrategy.USER_MANAGED,
+    or create_execution_context_without_device_memory before TensorRT 10) and pointed at the block;
+    when an engine that needs more is activated, the block grows, every context is re-pointed and
+    every captured CUDA graph is dropped (a graph bakes in the scratch addresses it was captured with)."""
+
+    def __init__(self):
+        self.stream = None
+        self.block = None  # DeviceBuffer
+        self.contexts: dict[int, tuple[Any, str, Any]] = {}  # id -> (context, name, on_move)
+
+    def create_context(self, engine, name: str, on_move=lambda: None):
+        """A context pointed at the shared block; `on_move()` is called before the block moves."""
+        import tensorrt as trt
+
+        from aldm.runtime.cuda import Stream
+
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is not None:
+            context = engine.create_execution_context(strategy.USER_MANAGED)
+        else:
+            context = engine.create_execution_context_without_device_memory()
+        if context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {name}")
+        size = int(engine.device_memory_size_v2 if hasattr(engine, "device_memory_size_v2")
+                   else engine.device_memory_size)
+        if self.stream is None:
+            self.stream = Stream()
+        if size > 0 and (self.block is None or self.block.nbytes < size):
+            self._grow(size)
+        self.contexts[id(context)] = (context, name, on_move)
+        self._point(context, name)
+        return context
+
+    def _grow(self, size: int) -> None:
+        from aldm.runtime.cuda import DeviceBuffer
+
+        self.stream.sync()  # nothing may still run in the old block
+        for _, _, on_move in self.contexts.values():
+            on_move()
+        old, self.block = self.block, DeviceBuffer(size)
+        for context, name, _ in self.contexts.values():
+            self._point(context, name)
+        if old is not None:
+            old.free()
+
+    def _point(self, context, name: str) -> None:
+        ptr, size = (self.block.ptr, self.block.nbytes) if self.block is not None else (0, 0)  # none needed
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1: with its size
+            context.set_device_memory(ptr, size)
+        else:
+            context.device_memory = ptr
+
+    def release(self, context) -> None:
+        """Forget a context; with the last one, free the block and the stream."""
+        self.contexts.pop(id(context), None)
+        if not self.contexts:
+            if self.stream is not None:
+                self.stream.sync()
+                self.stream.destroy()
+                self.stream = None
+            if self.block is not None:
+                self.block.free()
+                self.block = None
+
+
 class TrtRunner:
-    """One engine behind the runner protocol; device buffers via cuda-python, optional CUDA graph.
+    """One engine behind the runner protocol: device buffers and page-locked host staging reused
+    from call to call (grown when a call needs more), CUDA graphs per input-shape set, every
+    TensorRT call's result checked. I/O keeps the dtypes the engine declares; FP16 outputs are
+    widened to float32 on the host after the copy (cuda-python has no kernels to do it on the GPU).
 
     The engine must be registered (its sidecar, or `registration`): see `load_engine`."""
 
     def __init__(self, engine_path: Path, spec: ComponentSpec, *, cuda_graph: bool = False,
-                 registration: Registration | None = None):
+                 registration: Registration | None = None, memory: EngineMemory | None = None):
         self.path, self.spec, self.cuda_graph = Path(engine_path), spec, cuda_graph
         self.registration = registration
+        self.memory = memory or EngineMemory()
         self.name = "trt"
         self.engine = self.context = self.stream = self.runtime = None
-        self.buffers: dict[str, Any] = {}
-        self._graph = None
-        self._graph_shapes = None
+        self.buffers: dict[str, Any] = {}  # name -> DeviceBuffer
+        self.pinned: dict[str, Any] = {}  # name -> PinnedBuffer
+        self.graphs: dict[Any, Any] = {}  # key (shapes, ...) -> cuda.Graph
+        self.max_batch: int | None = None
 
     def activate(self) -> None:
         if self.context is not None:
             return
         import tensorrt as trt
 
-        from aldm.runtime.cuda import Stream
-
         self.runtime, self.engine = load_engine(self.path, self.registration)
-        self.context = self.engine.create_execution_context()
-        self.stream = Stream()
+        self.context = self.memory.create_context(self.engine, self.spec.name, on_move=self.drop_graphs)
+        self.stream = self.memory.stream
         self._io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in self._io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._dtype = {n: _NP[self.engine.get_tensor_dtype(n).name] for n in self._io}
+        batched = [t.name for t in self.spec.inputs if t.shape and t.shape[0] == "batch"]
+        if batched and hasattr(self.engine, "get_tensor_profile_shape"):
+            self.max_batch = int(self.engine.get_tensor_profile_shape(batched[0], 0)[2][0])
+        elif self.registration is not None:
+            self.max_batch = self.registration.options.max_targets
+
+    def check_batch(self, batch: int) -> None:
+        """A batch the engine's optimisation profile does not cover is refused before any call:
+        before activation by the registered build options, after it by the engine's profile."""
+        limit = self.max_batch
+        if limit is None and self.registration is not None:
+            limit = self.registration.options.max_targets
+        if limit is not None and batch > limit:
+            raise BackendError(f"{self.spec.name}: batch {batch} is above the TensorRT engine's maximum "
+                               f"{limit} (targets x sources); translate fewer at once or "
+                               f"rebuild with `aldm build --max-targets {batch}`")
+
+    def call(self, ok, what: str) -> None:
+        """TensorRT reports failure by returning False: a BackendError naming the engine."""
+        if ok is False or ok is None:
+            raise BackendError(f"TensorRT {what} failed for the {self.spec.name} engine ({self.path.name})")
 
     def _buffer(self, name: str, nbytes: int):
         from aldm.runtime.cuda import DeviceBuffer
 
         buf = self.buffers.get(name)
         if buf is None or buf.nbytes < nbytes:
+            self.drop_graphs()  # captured addresses change
             if buf is not None:
+                self.stream.sync()
                 buf.free()
             buf = self.buffers[name] = DeviceBuffer(nbytes)
-            self._graph = None  # addresses changed
         return buf
+
+    def _pinned(self, name: str, nbytes: int):
+        from aldm.runtime.cuda import PinnedBuffer
+
+        buf = self.pinned.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                self.stream.sync()
+                buf.free()
+            buf = self.pinned[name] = PinnedBuffer(nbytes)
+        return buf
+
+    def set_input(self, name: str, shape) -> None:
+        self.call(self.context.set_input_shape(name, tuple(shape)), f"set_input_shape({name}, {tuple(shape)})")
+
+    def bind(self, name: str, ptr: int) -> None:
+        self.call(self.context.set_tensor_address(name, ptr), f"set_tensor_address({name})")
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise BackendError(f"TensorRT could not infer the shape of {name} for the {self.spec.name} engine")
+        return shape
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.spec, feeds)
+        batch = next((feeds[t.name].shape[0] for t in self.spec.inputs if t.shape and t.shape[0] == "batch"), 1)
+        self.check_batch(batch)
         self.activate()
+        self.check_batch(batch)
         shapes = tuple(feeds[n].shape for n in self._inputs)
         for n in self._inputs:
-            arr = np.ascontiguousarray(feeds[n], dtype=self._dtype[n])
-            self.context.set_input_shape(n, arr.shape)
-            buf = self._buffer(n, arr.nbytes)
-            self.context.set_tensor_address(n, buf.ptr)
-            self.stream.htod(buf, arr)
+            arr = feeds[n]
+            self.set_input(n, arr.shape)
+            nbytes = arr.size * np.dtype(self._dtype[n]).itemsize
+            buf, stage = self._buffer(n, nbytes), self._pinned(n, nbytes)
+            np.copyto(stage.array(arr.shape, self._dtype[n]), arr, casting="unsafe")
+            self.stream.copy(buf.ptr, stage.ptr, nbytes, "htod")
+            self.bind(n, buf.ptr)
         outputs = {}
         for n in self._io:
-            if n in self._inputs:
-                continue
-            out = np.empty(tuple(self.context.get_tensor_shape(n)), self._dtype[n])
-            self.context.set_tensor_address(n, self._buffer(n, out.nbytes).ptr)
-            outputs[n] = out
-        self._execute(shapes)
-        for n, out in outputs.items():
-            self.stream.dtoh(out, self.buffers[n])
+            if n not in self._inputs:
+                shape = self.output_shape(n)
+                nbytes = int(np.prod(shape)) * np.dtype(self._dtype[n]).itemsize
+                self.bind(n, self._buffer(n, nbytes).ptr)
+                outputs[n] = (shape, nbytes)
+        self.execute(shapes)
+        for n, (_, nbytes) in outputs.items():
+            self.stream.copy(self._pinned(n, nbytes).ptr, self.buffers[n].ptr, nbytes, "dtoh")
         self.stream.sync()
-        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in outputs.items()}
+        # copies out of the staging buffers (the next call reuses them), widened to float32
+        return {n: self.pinned[n].array(shape, self._dtype[n]).astype(
+                    np.float32 if self._dtype[n] == np.float16 else self._dtype[n])
+                for n, (shape, _) in outputs.items()}
 
-    def _execute(self, shapes) -> None:
+    def execute(self, key) -> None:
+        """Run the engine on the stream with the addresses bound now: directly, or through the CUDA
+        graph captured for `key` (the input shapes and whatever else fixes the addresses)."""
         if not self.cuda_graph:
-            if not self.context.execute_async_v3(self.stream.handle):
-                raise BackendError(f"TensorRT failed to run {self.spec.name}")
+            self.call(self.context.execute_async_v3(self.stream.handle), "execute_async_v3")
             return
-        if self._graph is None or self._graph_shapes != shapes:
-            self.context.execute_async_v3(self.stream.handle)  # warm-up before capture
+        graph = self.graphs.get(key)
+        if graph is None:
+            # TensorRT does its first-run work (allocations, shape setup) outside the capture
+            self.call(self.context.execute_async_v3(self.stream.handle), "execute_async_v3")
             self.stream.begin_capture()
-            self.context.execute_async_v3(self.stream.handle)
-            self._graph, self._graph_shapes = self.stream.end_capture(), shapes
-        self.stream.launch(self._graph)
+            try:
+                ok = self.context.execute_async_v3(self.stream.handle)
+            finally:
+                graph = self.stream.end_capture()
+            if not ok:
+                graph.destroy()
+                self.call(ok, "execute_async_v3 (CUDA graph capture)")
+            self.graphs[key] = graph
+        self.stream.launch(graph)
+
+    def drop_graphs(self) -> None:
+        """Destroy every captured graph (cudaGraphExecDestroy + cudaGraphDestroy)."""
+        if self.graphs and self.stream is not None:
+            self.stream.sync()
+        for graph in self.graphs.values():
+            graph.destroy()
+        self.graphs.clear()
 
     def deactivate(self) -> None:
-        for buf in self.buffers.values():
+        if self.context is None:
+            return
+        self.drop_graphs()
+        self.stream.sync()
+        for buf in list(self.buffers.values()) + list(self.pinned.values()):
             buf.free()
         self.buffers.clear()
-        self._graph = None
-        self.context = self.engine = self.runtime = None
-        if self.stream is not None:
-            self.stream.destroy()
-            self.stream = None
+        self.pinned.clear()
+        self.memory.release(self.context)
+        self.context = self.engine = self.runtime = self.stream = None
 
 
 def sidecar_doc(key: Mapping[str, Any], options: BuildOptions, engine_sha256: str, build_s: float) -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from aldm.errors import UsageError
+from aldm.runtime.sampler import progress_only
 from aldm.serve.jobs import Cancelled, Job, JobStore, reason
 
 log = logging.getLogger("aldm.serve")
@@ -246,7 +247,7 @@ class Service:
 
         try:
             tr = self.translator(job.options, out)
-            res = tr.run(src, callback=on_step, on_stage=on_stage, case_id=job.options.get("case_id"))
+            res = tr.run(src, callback=progress_only(on_step), on_stage=on_stage, case_id=job.options.get("case_id"))
         except Cancelled:
             shutil.rmtree(out, ignore_errors=True)
             store.finish(job, "cancelled", "cancelled by the client")
