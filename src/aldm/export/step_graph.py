@@ -46,7 +46,8 @@ def compose(unet_path: str | Path, dst: str | Path) -> None:
     try:
         model = onnx.load(str(unet_path))
     except Exception as exc:  # onnx raises DecodeError and friends
-        raise ModelError(f"{unet_path}: not a readable ONNX graph ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{unet_path}: not a readable ONNX graph ({why})") from None
     g = model.graph
     ins = {i.name: i for i in g.input}
     if set(ins) < {"x_t", "t", "c_concat", "y"} or [o.name for o in g.output] != ["eps"]:
