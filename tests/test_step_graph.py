@@ -119,7 +119,7 @@ def test_adding_the_step_graph_to_the_bundled_model(bundled_with_step):
 
 @pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
 def test_the_bundled_models_translation_with_the_step_graph_equals_the_numpy_loops(bundled_with_step, backend):
-    """A whole translation (encode, SPADE, 3 DDIM steps at eta 1, decode), step graph vs numpy
+    """A whole translation (encode, SPADE, 4 DDIM steps at eta 1, decode), step graph vs numpy
     loop on the same backend: bit-identical on ORT CPU, within FP32 rounding on OpenVINO."""
     if backend == "ov-cpu":
         pytest.importorskip("openvino")
@@ -128,7 +128,7 @@ def test_the_bundled_models_translation_with_the_step_graph_equals_the_numpy_loo
     for mode in ("on", "off"):
         with Pipeline.load(bundled_with_step, backend=backend, step_graph=mode) as pipe:
             assert (pipe.step is not None) == (mode == "on")
-            out[mode] = pipe.translate(x, ["t2"], steps=3, eta=1.0, strength=1.0, seed=0).volumes["t2"]
+            out[mode] = pipe.translate(x, ["t2"], steps=4, eta=1.0, strength=1.0, seed=0).volumes["t2"]
     err = rel_err(out["on"], out["off"])
     print(f"{backend}: step graph vs numpy loop, whole translation: max relative difference {err:.2e}")
     assert err <= FP32_TOL
@@ -305,3 +305,14 @@ def test_composing_from_a_graph_that_is_no_unet_is_a_model_error(tiny_export, tm
     with pytest.raises(ModelError, match="not a readable ONNX graph"):
         compose(tmp_path / "bad.onnx", tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
+def test_auto_runs_the_step_graph_on_the_cpu(tiny_export, backend):
+    """The CPU default (measured no slower: docs/performance.md) where the folder has the graph."""
+    if backend == "ov-cpu":
+        pytest.importorskip("openvino")
+    with Pipeline.load(tiny_export, backend=backend) as pipe:
+        assert pipe.step is pipe.runners[STEP_GRAPH]
+    with Pipeline.load(tiny_export, backend=backend, step_graph="off") as pipe:
+        assert pipe.step is None and STEP_GRAPH in pipe.runners
