@@ -25,7 +25,8 @@ def export(
     step_graph: Annotated[bool, typer.Option("--step-graph/--no-step-graph", help="Also write the sampler-step graph (unet_step.onnx: UNet + DDIM update, one call per step; a GPU keeps x on the device). An older folder gets it with `aldm add-step-graph`.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
-    """Export the four components to ONNX (opset 21, dynamic batch) and write manifest.json."""
+    """Export the four components (and the sampler-step graph) to ONNX (opset 21, dynamic batch) and
+    write manifest.json."""
     from aldm.export import export_official
 
     manifest = export_official(ldm, out, vqgan_ckpt=vqgan, config=config, ema=not raw_weights,
