@@ -1,7 +1,7 @@
 """Translation pipeline over four runners: encode once, SPADE per target, one batched UNet call
-per step for all targets (or, where the folder has the sampler-step graph and it pays, one
-UNet + DDIM update call per step: `step_graph`), decode per target: slab by slab when the model folder has the decoder
-cut and the backend runs it (aldm.runtime.tiled: bounded memory, same result), else whole
+per step for all targets (through the sampler-step graph, UNet and DDIM update in one call, where
+the folder has it: `step_runner`), decode per target: slab by slab when the model folder has the
+decoder cut and the backend runs it (aldm.runtime.tiled: bounded memory, same result), else whole
 volumes in chunks of `decode_batch`.
 
 Works on preprocessed arrays (N, 1, H, W, D) in the model's grid; NIfTI handling lives in
