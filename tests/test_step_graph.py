@@ -236,12 +236,14 @@ def test_a_variant_from_before_the_step_graph_gets_one_when_it_is_added(tiny_exp
     d = as_format_3(_copy(tiny_export, tmp_path / "m"))
     add_fp16_variant(d, say=lambda s: None)
     assert STEP_GRAPH not in ModelDir(d).manifest.variants["fp16"]
+    ModelDir(d).add_variant("int8", {"unet": "unet.onnx"})  # an INT8 copy that left the UNet FP32
     with Pipeline.load(d, backend="ort-cpu", precision="fp16") as pipe:
         assert pipe.step is None  # that precision has no step graph: the numpy loop
     add_step_graph(d)
     md = ModelDir(d)
     assert md.manifest.variants["fp16"][STEP_GRAPH] == "unet_step.fp16.onnx"
-    assert "unet_step.fp16.onnx" in md.manifest.files
+    assert md.manifest.variants["int8"][STEP_GRAPH] == "unet_step.onnx"  # its UNet's step graph, not a copy
+    assert "unet_step.fp16.onnx" in md.manifest.files and not (d / "unet_step.int8.onnx").exists()
 
 
 def test_an_fp16_unet_output_is_cast_to_fp32_before_the_update(tiny_export, tmp_path):

@@ -122,7 +122,9 @@ def add_step_graph(model_dir: str | Path, *, say: Callable[[str], None] = lambda
     written = {spec.file: md.component_file("unet")}
     variants = {k: dict(v) for k, v in m.variants.items()}
     for precision, files in variants.items():
-        if "unet" in files:
+        if "unet" in files and files["unet"] == m.components["unet"].file:  # that precision runs the FP32 UNet
+            files[STEP_GRAPH] = spec.file
+        elif "unet" in files:
             files[STEP_GRAPH] = step_variant_file(precision)
             written[files[STEP_GRAPH]] = md.component_file("unet", precision)
     for name, unet in written.items():
