@@ -230,8 +230,10 @@ def test_aldm_check_passes_for_ov_cpu_on_the_golden_model(golden_export):
     res = CliRunner().invoke(app, ["check", str(golden_export), "--backends", "ov-cpu"])
     assert res.exit_code == 0, res.output
     lines = [line for line in res.output.splitlines() if line.startswith(("PASS", "FAIL"))]
-    # four components, then the per-class MS-SPADE and the slab decoder (what ov-cpu runs instead)
-    assert len(lines) == 6 and all(line.startswith("PASS") and "ov-cpu/fp32" in line for line in lines), res.output
+    # four components and the sampler-step graph, then the per-class MS-SPADE and the slab decoder
+    # (what ov-cpu runs instead)
+    assert len(lines) == 7 and all(line.startswith("PASS") and "ov-cpu/fp32" in line for line in lines), res.output
+    assert lines[4].split()[1] == "unet_step"
     assert "codes=100.00%" in next(line for line in lines if "encoder" in line)
 
 

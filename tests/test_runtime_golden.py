@@ -71,8 +71,10 @@ def test_aldm_check_passes_on_the_golden_export(golden_export):
     assert res.exit_code == 0, res.output
     lines = [line for line in res.output.splitlines() if line.startswith(("PASS", "FAIL"))]
     backends = available_backends()  # every one available here: ort-cpu, ov-cpu with openvino, ...
-    # four components per backend; the CPU ones also run the per-class MS-SPADE and slab graphs
-    assert len(lines) == sum(6 if b in ("ort-cpu", "ov-cpu") else 4 for b in backends), res.output
+    # four components and the sampler-step graph per backend; the CPU ones also run the per-class
+    # MS-SPADE and slab graphs
+    assert len(lines) == sum(7 if b in ("ort-cpu", "ov-cpu") else 5 for b in backends), res.output
+    assert sum(line.split()[1] == "unet_step" for line in lines) == len(backends)
     assert all(line.startswith("PASS") for line in lines)
     assert {line.split()[2].split("/")[0] for line in lines} == set(backends)
     for line in lines:

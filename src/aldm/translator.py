@@ -25,7 +25,7 @@ from aldm.atomic import write_text
 from aldm.errors import AldmError, InputError, ModelError, UsageError
 from aldm.nifti import MAX_VOXELS, Volume, is_nifti, load_volume, save_like, sidecar_path, stem
 from aldm.preprocess import FINER_TOLERANCE, Prepared, invert, preprocess
-from aldm.runtime.manifest import MANIFEST, sha256_file
+from aldm.runtime.manifest import MANIFEST, STEP_GRAPH, sha256_file
 from aldm.runtime.pipeline import Pipeline, Translation
 from aldm.runtime.sampler import check_strength, ddim_timesteps
 from aldm.skullcheck import coarse_slice_warning, skull_reason
@@ -147,6 +147,8 @@ class Translator:
         d = m.sampler
         components = {}
         for c, runner in self.pipeline.runners.items():
+            if c == STEP_GRAPH and self.pipeline.step is None:  # in the folder, not run
+                continue
             path = getattr(runner, "path", None)
             if path is not None and Path(path).name in m.files:
                 components[c] = m.files[Path(path).name]

@@ -48,8 +48,8 @@ def collect(model_dir: str | Path, sources: Sequence[str | Path], out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     clean_partials(out)
     sinks: dict[str, list] = {c: [] for c in COMPONENTS}
-    runners = {c: RecordingRunner(r, sinks[c]) for c, r in make_runners(md, "ort-cpu").items()}
-    pipe = Pipeline(md, runners)
+    runners = {c: RecordingRunner(r, sinks[c]) for c, r in make_runners(md, "ort-cpu").items() if c in sinks}
+    pipe = Pipeline(md, runners, step_graph="off")  # the UNet's own calls are what calibration records
     targets = list(targets or md.manifest.modalities)
     counts = {c: 0 for c in COMPONENTS}
     for i, src in enumerate(sources):

@@ -27,6 +27,7 @@ def bench(
     torch_fp16: Annotated[bool, typer.Option("--torch-fp16", help="Run the PyTorch reference under CUDA FP16 autocast.")] = False,
     precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8. Default: fp16 for trt, fp32 on the CPU and ort-cuda.")] = None,
     tile_rows: Annotated[Optional[int], typer.Option(help="Slab rows of the CPU decoder for the end-to-end runs (0: whole volumes). Default: aldm-infer's.")] = None,
+    step_graph: Annotated[str, typer.Option(help="auto, on or off: run DDIM through the folder's sampler-step graph (UNet + update per call; `aldm add-step-graph` adds it) or the numpy loop. auto: as aldm-infer does.")] = "auto",
     fresh: Annotated[bool, typer.Option("--fresh-process/--no-fresh-process", help="Also translate once into 3 targets in a fresh process and report that process's peak RSS.")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
 ) -> None:
@@ -42,7 +43,7 @@ def bench(
                          components=split_list(components), warmup=warmup, repeats=repeats,
                          e2e_targets=(1, 3) if e2e else (), steps=steps, torch_reference=torch_ref,
                          torch_device=torch_device, torch_fp16=torch_fp16, precision=precision,
-                         fresh_process=fresh, tile_rows=tile_rows, progress=say)
+                         fresh_process=fresh, tile_rows=tile_rows, step_graph=step_graph, progress=say)
     typer.echo(format_report(result))
     if json_out:
         write_text(json_out, json.dumps(result, indent=1))

@@ -14,6 +14,7 @@ from aldm.cli.eval_cmd import eval
 from aldm.cli.export_cmd import export
 from aldm.cli.report_cmd import report
 from aldm.cli.serve_cmd import serve
+from aldm.cli.step_graph_cmd import add_step_graph
 from aldm.cli.train_cmd import train
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True,
@@ -22,6 +23,7 @@ app.command()(export)
 app.command()(check)
 app.command()(bench)
 app.command()(build)
+app.command(name="add-step-graph")(add_step_graph)
 app.command()(calibrate)
 app.command()(train)
 app.command(name="eval")(eval)

@@ -1,5 +1,7 @@
 """`aldm check`: every component on every available backend and precision against PyTorch FP32,
-on seeded inputs; with TensorRT present, also polygraphy's ONNX Runtime vs TensorRT comparison."""
+on seeded inputs (the sampler-step graph, where the folder has it, against the PyTorch UNet's eps
+through the numpy DDIM update); with TensorRT present, also polygraphy's ONNX Runtime vs TensorRT
+comparison."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from aldm.errors import BackendError, ModelError
 from aldm.models import ALDM, LDMConfig, load_official
 from aldm.runtime.backends import single_backend
 from aldm.runtime.compare import TOLERANCES, Report, Result, Tolerance, code_gaps, compare
-from aldm.runtime.manifest import COMPONENTS, ModelDir, sample_feeds
+from aldm.runtime.manifest import COMPONENTS, STEP_GRAPH, ModelDir, sample_feeds
 
 
 class TorchRunner:
@@ -152,6 +154,9 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
     n_classes = reference.config.first_stage_config.num_classes
     feeds, report.inputs = reference_feeds(model_dir, batch, seed, n_classes, inputs, calib)
     expected = {c: TorchRunner(reference, c).infer(feeds[c]) for c in COMPONENTS}
+    if model_dir.has_step_graph:
+        feeds[STEP_GRAPH], expected[STEP_GRAPH] = step_reference(model_dir, feeds["unet"],
+                                                                 expected["unet"]["eps"], seed)
     codebook = reference.first_stage_model.quantize.embedding.weight.detach().cpu().numpy()
     gaps = {"encoder": code_gaps(expected["encoder"]["h"], codebook)}
     for precision in precisions:
@@ -161,7 +166,7 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
             except (BackendError, ModelError) as exc:
                 report.skipped.append(f"{backend}/{precision}: {exc}")
                 continue
-            for c in COMPONENTS:
+            for c in COMPONENTS + ((STEP_GRAPH,) if STEP_GRAPH in runners else ()):
                 out = model_dir.component(c).outputs[0].name
                 try:
                     got = runners[c].infer(feeds[c])[out]
@@ -179,6 +184,22 @@ def check_model(model_dir: ModelDir, reference: ALDM, *, backends: Sequence[str]
                 report.results.extend(_extra_graphs(model_dir, backend, feeds, expected,
                                                     tolerances[precision]))
     return report
+
+
+def step_reference(model_dir: ModelDir, unet_feeds: Mapping[str, np.ndarray], eps: np.ndarray,
+                   seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Feeds of the sampler-step graph (the UNet's, the middle row of the manifest's DDIM schedule
+    at eta 1 so that every term of the update counts, seeded noise) and the reference x_prev: the
+    numpy update (aldm.runtime.sampler.ddim_update) of the PyTorch UNet's eps."""
+    from aldm.runtime import sampler as S
+
+    m = model_dir.manifest
+    sched = S.ddim_schedule(model_dir.schedule()["alphas_cumprod"], m.sampler.steps, 1.0)
+    coef = S.ddim_coefficients(sched)[len(sched.timesteps) // 2]
+    noise = np.random.default_rng(seed + 100).standard_normal(unet_feeds["x_t"].shape, dtype=np.float32)
+    feeds = dict(unet_feeds) | {"coef": coef, "noise": noise}
+    name = model_dir.component(STEP_GRAPH).outputs[0].name
+    return feeds, {name: S.ddim_update(unet_feeds["x_t"], eps, coef, noise)}
 
 
 def _extra_graphs(model_dir: ModelDir, backend: str, feeds, expected, tol) -> list[Result]:

@@ -30,8 +30,9 @@ from aldm.errors import AldmError, UsageError
 from aldm.export.tiled import export_tiles, supports_tiling
 from aldm.export.trt_compat import check_file
 from aldm.models.aldm import ALDM
-from aldm.runtime.manifest import (MANIFEST, SCHEDULE_FILE, ComponentSpec, Manifest, Preprocessing,
-                                   SamplerDefaults, ScheduleSpec, TensorSpec, sample_feeds, sha256_file)
+from aldm.runtime.manifest import (MANIFEST, SCHEDULE_FILE, STEP_GRAPH, ComponentSpec, Manifest,
+                                   Preprocessing, SamplerDefaults, ScheduleSpec, TensorSpec, sample_feeds,
+                                   sha256_file)
 
 OPSET = 21
 B = "batch"
@@ -200,7 +201,8 @@ def _quiet_logs():
 def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int, int] = (144, 192, 144),
                  steps: int = 200, eta: float = 1.0, strength: float = 1.0, spacing=(1.0, 1.0, 1.0),
                  source: dict | None = None, opset: int = OPSET, overwrite: bool = False,
-                 bound_latents: bool = False, tiles: bool = True, per_class_spade: bool = True, progress: Callable[[str], None] | None = None) -> Manifest:
+                 bound_latents: bool = False, tiles: bool = True, per_class_spade: bool = True,
+                 step_graph: bool = True, progress: Callable[[str], None] | None = None) -> Manifest:
     """Export `model` into `out_dir` (created atomically); returns the manifest written.
 
     bound_latents: record the codebook's per-channel range, so the runtime clamps the MS-SPADE
@@ -209,6 +211,8 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
     one a target needs instead of every class's branches).
     tiles: also write the decoder cut for slab-wise decoding (aldm.export.tiled), which bounds the
     decoder's memory; off, the folder decodes whole volumes only.
+    step_graph: also write the sampler-step graph (UNet + DDIM update, `unet_step.onnx`, composed
+    from the exported UNet: aldm.export.step_graph), which runs a whole DDIM step per call.
     """
     from aldm.runtime.sampler import check_strength, ddim_timesteps
 
@@ -229,6 +233,14 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                     progress(f"exporting {name}")
                 _export_one(model, spec, tmp / spec.file, opset)
                 _require_trt_compatible(tmp / spec.file)
+            if step_graph:
+                from aldm.export.step_graph import compose, step_spec
+
+                if progress:
+                    progress("composing the sampler-step graph (UNet + DDIM update)")
+                specs[STEP_GRAPH] = step_spec(specs["unet"])
+                compose(tmp / specs["unet"].file, tmp / specs[STEP_GRAPH].file)
+                _require_trt_compatible(tmp / specs[STEP_GRAPH].file)
             spade_files = None
             if per_class_spade:
                 if progress:

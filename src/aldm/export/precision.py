@@ -141,8 +141,11 @@ def to_fp16(src: str | Path, dst: str | Path) -> int:
 
 
 def add_fp16_variant(model_dir, say=print) -> dict[str, str]:
-    """Write `<component>.fp16.onnx` for every component and register them in the manifest."""
-    from aldm.runtime.manifest import COMPONENTS, ModelDir
+    """Write `<component>.fp16.onnx` for every component and register them in the manifest. A
+    folder with the sampler-step graph also gets its FP16 copy: the FP16 UNet followed by the
+    same FP32 update (composed, not converted: the update never runs in FP16)."""
+    from aldm.export.step_graph import compose, step_variant_file
+    from aldm.runtime.manifest import COMPONENTS, STEP_GRAPH, ModelDir
 
     md = ModelDir(model_dir)
     files = {}
@@ -151,5 +154,9 @@ def add_fp16_variant(model_dir, say=print) -> dict[str, str]:
         kept = to_fp16(md.component_file(c), md.file(name))
         say(f"{c}: FP16 copy written, {kept} nodes kept in FP32")
         files[c] = name
+    if md.has_step_graph:
+        files[STEP_GRAPH] = step_variant_file("fp16")
+        compose(md.file(files["unet"]), md.file(files[STEP_GRAPH]))
+        say(f"{STEP_GRAPH}: the FP16 UNet + the DDIM update in FP32")
     md.add_variant("fp16", files)
     return files

@@ -18,6 +18,8 @@ from aldm.runtime.runners import OrtRunner, Runner, trim
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ov-cpu", "trt", "torch")
 DEFAULT_PRECISION = {"trt": "fp16", "ort-cpu": "fp32", "ort-cuda": "fp32", "ov-cpu": "fp32", "torch": "fp32"}
 CPU_BACKENDS = ("ov-cpu", "ort-cpu")
+# Backends whose runners include the sampler-step graph when the folder has it at the precision run.
+STEP_GRAPH_BACKENDS = {"ort-cpu", "ort-cuda", "ov-cpu"}
 
 
 def ort_cuda_available() -> bool:
@@ -71,29 +73,33 @@ def make_runners(model: ModelDir, backend: str = "ort-cpu", *, threads: int | No
         order = fallback_chain(auto_order(model, precision))
         if len(order) == 1:
             return single_backend(model, order[0], threads=threads, precision=precision)
+        step = all(b in STEP_GRAPH_BACKENDS and has_step_graph(
+            model, (precision if b == "trt" else None) or DEFAULT_PRECISION[b]) for b in order)
         return {c: FallbackRunner(c, [(b, _factory(model, b, c, threads, precision)) for b in order])
-                for c in COMPONENTS}
+                for c in COMPONENTS + ((STEP_GRAPH,) if step else ())}
     return single_backend(model, backend, threads=threads, precision=precision)
 
 
 def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
                    precision: str | None = None) -> dict[str, Runner]:
     precision = precision or DEFAULT_PRECISION[backend]
+    components = COMPONENTS + ((STEP_GRAPH,) if has_step_graph(model, precision) else ())
     if backend in ("ort-cpu", "ort-cuda"):
         device = backend.split("-")[1]
         runners = {c: OrtRunner(model.component_file(c, precision), model.component(c), device=device,
-                                threads=threads, precision=precision) for c in COMPONENTS}
-        if device == "cuda" and model.has_step_graph and precision == "fp32":  # the loop on the GPU
+                                threads=threads, precision=precision) for c in components}
+        if device == "cuda" and STEP_GRAPH in runners:  # the DDIM loop on the GPU
             from aldm.runtime.ort_loop import OrtStepRunner
 
-            runners[STEP_GRAPH] = OrtStepRunner(model.component_file(STEP_GRAPH), model.component(STEP_GRAPH),
-                                                device=device, threads=threads)
+            runners[STEP_GRAPH] = OrtStepRunner(model.component_file(STEP_GRAPH, precision),
+                                                model.component(STEP_GRAPH), device=device, threads=threads,
+                                                precision=precision)
         return runners
     if backend == "ov-cpu":
         from aldm.runtime.openvino import OvRunner
 
         return {c: OvRunner(model.component_file(c, precision), model.component(c), threads=threads,
-                            precision=precision) for c in COMPONENTS}
+                            precision=precision) for c in components}
     if backend == "trt":
         from aldm.runtime import trt
 
@@ -102,6 +108,12 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
         return REGISTERED[backend](model, precision=precision)
     raise BackendError(f"the {backend} backend is not available here: the aldm command line registers it "
                        f"(from Python: aldm.export.torch_backend.register())")
+
+
+def has_step_graph(model: ModelDir, precision: str) -> bool:
+    """Whether the folder has the sampler-step graph at `precision` (a variant written before the
+    step graph was added has none: that precision samples with the numpy loop)."""
+    return model.has_step_graph and (precision == "fp32" or STEP_GRAPH in model.manifest.variants.get(precision, {}))
 
 
 # Backends whose runners live above the runtime (the PyTorch reference runs aldm.models): the

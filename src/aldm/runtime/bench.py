@@ -33,10 +33,11 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
                 e2e_targets: Sequence[int] = (1, 3), steps: int | None = None,
                 torch_reference: bool = True, torch_device: str = "cpu", torch_fp16: bool = False,
                 precision: str | None = None, fresh_process: bool = True, tile_rows: int | None = None,
-                progress: Callable[[str], None] | None = None) -> dict:
+                step_graph: str = "auto", progress: Callable[[str], None] | None = None) -> dict:
     """Time `components` and whole translations on `backend`; see the module docstring.
 
     tile_rows: the slab decoder's rows (0: whole volumes; None: aldm-infer's default).
+    step_graph: auto, on or off: DDIM through the folder's sampler-step graph (Pipeline.load).
     fresh_process: also translate once into max(e2e_targets) targets in a fresh process and
     record its peak RSS (end_to_end["<n>_targets"]["fresh_process"] and ["peak_rss_mb"]).
     """
@@ -48,11 +49,11 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
     # the pipeline aldm-infer builds (per-class MS-SPADE and slab decoding where they apply)
     tile_rows = DEFAULT_TILE_ROWS if tile_rows is None else tile_rows
     pipe = Pipeline.load(model_dir.path, backend=backend, threads=threads, precision=precision, verify=False,
-                         tile_rows=tile_rows)
+                         tile_rows=tile_rows, step_graph=step_graph)
     runners = pipe.runners
     resolved = pipe.backend
     out: dict = {"meta": bench_meta(backend), "backend": backend, "backend_resolved": resolved, "tile_rows": tile_rows,
-                 "precision": precision or "default",
+                 "precision": precision or "default", "step_graph": pipe.step is not None,
                  "threads": threads, "crop_size": list(m.preprocessing.crop_size),
                  "latent_shape": list(m.latent_shape), "components": {}, "end_to_end": {}}
     for c in components:
@@ -80,7 +81,8 @@ def bench_model(model_dir: ModelDir, *, backend: str = "ort-cpu", threads: int |
         n = max(e2e_targets)
         say(f"{backend}: end to end, {n} target(s), in a fresh process (peak RSS)")
         fresh = run_child("e2e", {"model_dir": str(model_dir.path), "backend": backend, "threads": threads,
-                                  "precision": precision, "targets": n, "steps": n_steps, "tile_rows": tile_rows})
+                                  "precision": precision, "targets": n, "steps": n_steps, "tile_rows": tile_rows,
+                                  "step_graph": step_graph})
         out["end_to_end"][f"{n}_targets"]["fresh_process"] = fresh
         out["end_to_end"][f"{n}_targets"]["peak_rss_mb"] = fresh.get("peak_rss_mb") if "error" not in fresh else None
     if torch_reference:

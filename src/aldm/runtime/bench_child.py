@@ -100,7 +100,8 @@ def fresh_translation(cfg: dict) -> dict:
 
     t0 = time.perf_counter()
     pipe = Pipeline.load(cfg["model_dir"], backend=cfg.get("backend", "ort-cpu"), threads=cfg.get("threads"),
-                         precision=cfg.get("precision"), tile_rows=cfg.get("tile_rows", 0))
+                         precision=cfg.get("precision"), tile_rows=cfg.get("tile_rows", 0),
+                         step_graph=cfg.get("step_graph", "auto"))
     m = pipe.manifest
     x = sample_feeds(m.components["encoder"], 1, 99)["x"]
     targets = [mod for mod in m.modalities if mod != "t1"][: int(cfg["targets"])]

@@ -1,6 +1,7 @@
 """Translation pipeline over four runners: encode once, SPADE per target, one batched UNet call
-per step for all targets, decode per target: slab by slab when the model folder has the decoder
-cut and the backend runs it (aldm.runtime.tiled: bounded memory, same result), else whole
+per step for all targets (through the sampler-step graph, UNet and DDIM update in one call, where
+the folder has it: `step_runner`), decode per target: slab by slab when the model folder has the
+decoder cut and the backend runs it (aldm.runtime.tiled: bounded memory, same result), else whole
 volumes in chunks of `decode_batch`.
 
 Works on preprocessed arrays (N, 1, H, W, D) in the model's grid; NIfTI handling lives in
@@ -18,7 +19,7 @@ import numpy as np
 
 from aldm.errors import InputError, UsageError
 from aldm.runtime import sampler as S
-from aldm.runtime.manifest import ComponentSpec, ModelDir
+from aldm.runtime.manifest import STEP_GRAPH, ComponentSpec, ModelDir
 from aldm.runtime.runners import Runner, trim
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder, tiled_decoder
 
@@ -48,22 +49,53 @@ def spade_by_class(model: ModelDir, runners: Sequence[Runner], z: np.ndarray, y:
     return out
 
 
+STEP_GRAPH_MODES = ("auto", "on", "off")
+# Backends on which `auto` runs DDIM through the step graph's runner call by call (a runner with
+# its own device loop, StepLoopRunner.ddim_loop, is always used). On the CPU the step graph is no
+# slower than the numpy loop (the update is 0.6 ms of a 300-1250 ms step; scripts/bench_step_graph.py,
+# docs/performance.md) and gives the same bits on ONNX Runtime (7e-7 relative on OpenVINO).
+STEP_GRAPH_AUTO = frozenset({"ort-cpu", "ov-cpu"})
+
+
+def step_runner(runners: Mapping[str, Runner], mode: str = "auto") -> Runner | None:
+    """The runner DDIM sampling goes through, or None for the numpy loop around the UNet.
+    mode: auto (a device loop, or a backend in STEP_GRAPH_AUTO), on (whenever the folder has the
+    graph at this precision; a UsageError otherwise), off (the numpy loop)."""
+    if mode not in STEP_GRAPH_MODES:
+        raise UsageError(f"step_graph must be one of {', '.join(STEP_GRAPH_MODES)}, got {mode!r}")
+    runner = runners.get(STEP_GRAPH)
+    if mode == "off":
+        return None
+    if mode == "on":
+        if runner is None:
+            raise UsageError("this model folder has no sampler-step graph for this backend and precision "
+                             "(add it with `aldm add-step-graph MODEL_DIR`)")
+        return runner
+    if runner is not None and (hasattr(runner, "ddim_loop") or runner.name.split("/")[0] in STEP_GRAPH_AUTO):
+        return runner
+    return None
+
+
 class Pipeline:
     def __init__(self, model: ModelDir, runners: Mapping[str, Runner], *, decode_batch: int = 1,
-                 tiles: "TiledDecoder | None" = None, spade_classes: Sequence[Runner] | None = None):
+                 tiles: "TiledDecoder | None" = None, spade_classes: Sequence[Runner] | None = None,
+                 step_graph: str = "auto"):
         self.model = model
         self.runners = dict(runners)
         self.decode_batch = max(1, int(decode_batch))
         self.tiles = tiles
         self.spade_classes = list(spade_classes) if spade_classes else None
+        self.step = step_runner(self.runners, step_graph)  # None: the numpy DDIM loop
         self._schedule = model.schedule()
 
     @classmethod
     def load(cls, path: str | Path, *, backend: str = "ort-cpu", threads: int | None = None,
              precision: str | None = None, verify: bool = True, decode_batch: int = 1,
-             tile_rows: int = DEFAULT_TILE_ROWS) -> "Pipeline":
+             tile_rows: int = DEFAULT_TILE_ROWS, step_graph: str = "auto") -> "Pipeline":
         """tile_rows: rows per slab of the slab-wise decoder (0: decode whole volumes). Used when
-        the folder has the decoder cut and the decoder runs FP32 on a CPU backend."""
+        the folder has the decoder cut and the decoder runs FP32 on a CPU backend.
+        step_graph: auto, on or off: whether DDIM runs through the folder's sampler-step graph
+        (see `step_runner`); DDPM always runs the numpy loop."""
         from aldm.runtime.backends import extra_graph_runners, make_runners
 
         model = ModelDir(path, verify=verify)
@@ -74,7 +106,8 @@ class Pipeline:
         if model.manifest.spade_per_class and factory is not None:
             spade_classes = [factory(f, spade_class_spec(model, k))
                              for k, f in enumerate(model.manifest.spade_per_class)]
-        return cls(model, runners, decode_batch=decode_batch, tiles=tiles, spade_classes=spade_classes)
+        return cls(model, runners, decode_batch=decode_batch, tiles=tiles, spade_classes=spade_classes,
+                   step_graph=step_graph)
 
     @property
     def manifest(self):
@@ -169,7 +202,7 @@ class Pipeline:
                 x_T = S.noised_start(c_concat[:, channels:], sched, noise)
             else:
                 x_T = noise(shape)
-            z0 = S.ddim_sample(eps_fn, x_T, sched, noise, official_rng=official_rng, callback=callback)
+            z0 = self.ddim(c_concat, y, x_T, sched, noise, official_rng=official_rng, callback=callback)
         elif sampler == "ddpm":
             if strength < 1:
                 raise UsageError("strength < 1 needs the ddim sampler")
@@ -177,6 +210,23 @@ class Pipeline:
         else:
             raise UsageError(f"unknown sampler {sampler!r} (ddim or ddpm)")
         return z0
+
+    def ddim(self, c_concat: np.ndarray, y: np.ndarray, x_T: np.ndarray, schedule: S.DDIMSchedule,
+             noise: S.Noise, *, official_rng: bool = True, callback: S.Callback = None) -> np.ndarray:
+        """The DDIM loop: the step runner's own device loop where it has one, else the step graph
+        called once per step, else (no step runner) the numpy update around the UNet."""
+        if self.step is None:
+            return S.ddim_sample(self.denoiser(c_concat, y), x_T, schedule, noise, official_rng=official_rng,
+                                 callback=callback)
+        if hasattr(self.step, "ddim_loop"):
+            return self.step.ddim_loop(x_T, c_concat, y, schedule, noise, official_rng=official_rng,
+                                       callback=callback)
+        out = self.model.component(STEP_GRAPH).outputs[0].name
+
+        def step(x: np.ndarray, t: np.ndarray, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
+            return self.step.infer({"x_t": x, "t": t, "c_concat": c_concat, "y": y, "coef": coef, "noise": z})[out]
+
+        return S.ddim_sample_steps(step, x_T, schedule, noise, official_rng=official_rng, callback=callback)
 
     def decode(self, z0: np.ndarray) -> np.ndarray:
         """(B, C, h, w, d) diffusion output -> volumes (B, 1, H, W, D), `decode_batch` at a time."""
