@@ -249,7 +249,7 @@ def polygraphy_compare(model_dir: ModelDir, component: str, precision: str,
                TrtRunner(trt_engine)]
     results = Comparator.run(runners, data_loader=[dict(feeds)])
     del runtime
-    (ort_name, ort_iters), (trt_name, trt_iters) = results[0], results[1]
+    (_, ort_iters), (trt_name, trt_iters) = results[0], results[1]
     out = []
     for name in ort_iters[0].keys():
         r = compare(component, f"polygraphy:{trt_name}", np.asarray(trt_iters[0][name]),

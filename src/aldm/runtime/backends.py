@@ -13,13 +13,12 @@ import numpy as np
 
 from aldm.errors import BackendError, UsageError
 from aldm.runtime.manifest import COMPONENTS, STEP_GRAPH, ModelDir
-from aldm.runtime.runners import OrtRunner, Runner, trim
+from aldm.runtime.runners import OrtRunner, Runner, step_graph_loop, trim
+from aldm.runtime.sampler import progress_only, wants_x
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ov-cpu", "trt", "torch")
 DEFAULT_PRECISION = {"trt": "fp16", "ort-cpu": "fp32", "ort-cuda": "fp32", "ov-cpu": "fp32", "torch": "fp32"}
 CPU_BACKENDS = ("ov-cpu", "ort-cpu")
-# Backends whose runners include the sampler-step graph when the folder has it at the precision run.
-STEP_GRAPH_BACKENDS = {"ort-cpu", "ort-cuda", "ov-cpu"}
 
 
 def ort_cuda_available() -> bool:
@@ -73,10 +72,14 @@ def make_runners(model: ModelDir, backend: str = "ort-cpu", *, threads: int | No
         order = fallback_chain(auto_order(model, precision))
         if len(order) == 1:
             return single_backend(model, order[0], threads=threads, precision=precision)
-        step = all(b in STEP_GRAPH_BACKENDS and has_step_graph(
-            model, (precision if b == "trt" else None) or DEFAULT_PRECISION[b]) for b in order)
-        return {c: FallbackRunner(c, [(b, _factory(model, b, c, threads, precision)) for b in order])
-                for c in COMPONENTS + ((STEP_GRAPH,) if step else ())}
+        made = _made_once(model, threads, precision)
+        runners = {c: FallbackRunner(c, [(b, made(b, c)) for b in order]) for c in COMPONENTS}
+        # the step graph's runner where the first backend has one (the TensorRT step engine, say),
+        # falling back along the backends that have one too
+        steps = [b for b in order if STEP_GRAPH in made(b)]
+        if steps and steps[0] == order[0]:
+            runners[STEP_GRAPH] = FallbackRunner(STEP_GRAPH, [(b, made(b, STEP_GRAPH)) for b in steps])
+        return runners
     return single_backend(model, backend, threads=threads, precision=precision)
 
 
@@ -143,9 +146,21 @@ def extra_graph_runners(model: ModelDir, backend: str, threads: int | None = Non
     return None
 
 
-def _factory(model: ModelDir, backend: str, component: str, threads, precision) -> Callable[[], Runner]:
-    return lambda: single_backend(model, backend, threads=threads,
-                                  precision=precision if backend == "trt" else None)[component]
+def _made_once(model: ModelDir, threads, precision):
+    """made(backend) -> that backend's runners, made once and shared by every component (the
+    TensorRT engines share one stream and scratch block); made(backend, component) -> a factory
+    of that runner."""
+    cache: dict[str, dict[str, Runner]] = {}
+
+    def made(backend: str, component: str | None = None):
+        def runners() -> dict[str, Runner]:
+            if backend not in cache:
+                cache[backend] = single_backend(model, backend, threads=threads,
+                                                precision=precision if backend == "trt" else None)
+            return cache[backend]
+        return runners() if component is None else (lambda: runners()[component])
+
+    return made
 
 
 class FallbackRunner:
@@ -170,13 +185,50 @@ class FallbackRunner:
                 self.activate()
                 return self.current.infer(feeds)
             except BackendError as exc:
-                if "out of memory" not in str(exc) or len(self.candidates) == 1:
-                    raise
-                failed = self.candidates.pop(0)[0]
-                self.current.deactivate()
-                self.current = None
-                warnings.warn(f"{self.component}: {failed} ran out of GPU memory; "
-                              f"falling back to {self.candidates[0][0]}", RuntimeWarning, stacklevel=2)
+                self._fall_back(exc)
+
+    def ddim_loop(self, x_T: np.ndarray, c_concat: np.ndarray, y: np.ndarray, schedule, noise, *,
+                  official_rng: bool = True, callback=None) -> np.ndarray:
+        """The step graph's loop on the current backend (its device loop, or the graph called step
+        by step). On out-of-memory the next backend reruns it from x_T with the same noise draws
+        (recorded as they are made), and the callback hears of each step once."""
+        drawn: list[np.ndarray] = []
+        heard = 0
+
+        def tell(i: int, total: int, t: int, x) -> None:
+            nonlocal heard
+            if i >= heard:
+                heard = i + 1
+                callback(i, total, t, x)
+
+        if callback is not None and not wants_x(callback):
+            tell = progress_only(tell)
+        while True:
+            replay = iter(list(drawn))
+
+            def draw(shape: tuple[int, ...]) -> np.ndarray:
+                z = next(replay, None)
+                if z is None:
+                    z = noise(shape)
+                    drawn.append(z)
+                return z
+
+            try:
+                self.activate()
+                return step_graph_loop(self.current, x_T, c_concat, y, schedule, draw, official_rng=official_rng,
+                                       callback=tell if callback is not None else None)
+            except BackendError as exc:
+                self._fall_back(exc)
+
+    def _fall_back(self, exc: BackendError) -> None:
+        """Re-raise `exc` unless it is out-of-memory with a candidate left; else warn and move on."""
+        if "out of memory" not in str(exc) or len(self.candidates) == 1:
+            raise exc
+        failed = self.candidates.pop(0)[0]
+        self.current.deactivate()
+        self.current = None
+        warnings.warn(f"{self.component}: {failed} ran out of GPU memory; "
+                      f"falling back to {self.candidates[0][0]}", RuntimeWarning, stacklevel=3)
 
     def trim(self) -> None:
         if self.current is not None:

@@ -20,7 +20,7 @@ import numpy as np
 from aldm.errors import InputError, UsageError
 from aldm.runtime import sampler as S
 from aldm.runtime.manifest import STEP_GRAPH, ComponentSpec, ModelDir
-from aldm.runtime.runners import Runner, trim
+from aldm.runtime.runners import Runner, step_graph_loop, trim
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS, TiledDecoder, tiled_decoder
 
 
@@ -218,15 +218,8 @@ class Pipeline:
         if self.step is None:
             return S.ddim_sample(self.denoiser(c_concat, y), x_T, schedule, noise, official_rng=official_rng,
                                  callback=callback)
-        if hasattr(self.step, "ddim_loop"):
-            return self.step.ddim_loop(x_T, c_concat, y, schedule, noise, official_rng=official_rng,
-                                       callback=callback)
-        out = self.model.component(STEP_GRAPH).outputs[0].name
-
-        def step(x: np.ndarray, t: np.ndarray, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
-            return self.step.infer({"x_t": x, "t": t, "c_concat": c_concat, "y": y, "coef": coef, "noise": z})[out]
-
-        return S.ddim_sample_steps(step, x_T, schedule, noise, official_rng=official_rng, callback=callback)
+        return step_graph_loop(self.step, x_T, c_concat, y, schedule, noise, official_rng=official_rng,
+                               callback=callback)
 
     def decode(self, z0: np.ndarray) -> np.ndarray:
         """(B, C, h, w, d) diffusion output -> volumes (B, 1, H, W, D), `decode_batch` at a time."""

@@ -50,6 +50,22 @@ class StepLoopRunner(Runner, Protocol):
                   official_rng: bool = True, callback=None) -> np.ndarray: ...
 
 
+def step_graph_loop(runner: Runner, x_T: np.ndarray, c_concat: np.ndarray, y: np.ndarray, schedule, noise, *,
+                    official_rng: bool = True, callback=None) -> np.ndarray:
+    """DDIM through a runner of the step graph: its own device loop where it has one
+    (StepLoopRunner), else the graph called once per step by aldm.runtime.sampler.ddim_sample_steps."""
+    from aldm.runtime.sampler import ddim_sample_steps
+
+    if hasattr(runner, "ddim_loop"):
+        return runner.ddim_loop(x_T, c_concat, y, schedule, noise, official_rng=official_rng, callback=callback)
+    out = runner.spec.outputs[0].name if hasattr(runner, "spec") else "x_prev"
+
+    def step(x: np.ndarray, t: np.ndarray, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return runner.infer({"x_t": x, "t": t, "c_concat": c_concat, "y": y, "coef": coef, "noise": z})[out]
+
+    return ddim_sample_steps(step, x_T, schedule, noise, official_rng=official_rng, callback=callback)
+
+
 def trim(runner: Runner, give_back: bool = True) -> None:
     """Free a runner's working memory: `trim` where it has one (its graph stays loaded), else
     `deactivate`. give_back: also hand the freed heap back to the system (glibc keeps the freed
