@@ -318,3 +318,22 @@ def test_auto_runs_the_step_graph_on_the_cpu(tiny_export, backend):
         assert pipe.step is pipe.runners[STEP_GRAPH]
     with Pipeline.load(tiny_export, backend=backend, step_graph="off") as pipe:
         assert pipe.step is None and STEP_GRAPH in pipe.runners
+
+
+def test_a_format_2_folder_gains_the_step_graph_and_still_decodes_whole_volumes(tiny_export, tmp_path):
+    """Format 4 reads decoder_tiling in format 3's layout: adding the step graph to a format-2 folder
+    drops its old channels-first cut (never used) instead of making the folder unreadable."""
+    d = as_format_3(_copy(tiny_export, tmp_path / "m"))
+
+    def to_v2(m):
+        m["format_version"] = 2
+        m["decoder_tiling"].update(axis=2)
+        m["decoder_tiling"].pop("layout")
+    _edit(d, to_v2)
+    add_step_graph(d)
+    md = ModelDir(d)
+    assert md.manifest.format_version == 4 and md.has_step_graph and md.manifest.decoder_tiling is None
+    with Pipeline.load(d, backend="ort-cpu", tile_rows=16) as old, \
+         Pipeline.load(tiny_export, backend="ort-cpu", tile_rows=0) as new:
+        assert old.tiles is None and old.step is not None
+        np.testing.assert_array_equal(_sample(old), _sample(new))

@@ -135,9 +135,12 @@ def add_step_graph(model_dir: str | Path, *, say: Callable[[str], None] = lambda
         if offenses:
             raise ModelError(f"{name} is not TensorRT-compatible: {'; '.join(map(str, offenses[:5]))}")
         say(f"{name}: {unet.name} + the DDIM update (float32)")
+    # format 4 reads decoder_tiling in format 3's layout: a format-1/2 folder's old cut (which it
+    # never used) is dropped, so the folder still decodes whole volumes, as it did
     new = dataclasses.replace(
         m, components=dict(m.components) | {STEP_GRAPH: spec}, variants=variants,
         files=dict(m.files) | {f: sha256_file(md.file(f)) for f in written},
+        decoder_tiling=m.decoder_tiling if m.format_version >= 3 else None,
         format_version=max(m.format_version, 4))
     check_names(md.path, new)
     write_text(md.file(MANIFEST), new.to_json())
