@@ -203,11 +203,11 @@ class JobStore:
 
     def finish(self, job: Job, status: str, error: str | None = None) -> None:
         """Record the final state; the upload is deleted (results are kept, the scan is not)."""
-        with self.lock:
+        with self.lock:  # the upload goes first: a client that sees the final status finds it gone
+            shutil.rmtree(self.folder(job.id) / "input", ignore_errors=True)
             job.status, job.error, job.finished = status, error, time.time()
             job.stage = None
             self.save(job)
-            shutil.rmtree(self.folder(job.id) / "input", ignore_errors=True)
         if self.on_finish:
             self.on_finish(job)
 
