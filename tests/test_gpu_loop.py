@@ -460,7 +460,9 @@ def test_a_folder_with_a_step_graph_gets_a_step_engine_and_runner(gpu):
 def test_a_stale_step_engine_leaves_the_host_loop_over_the_four(gpu):
     (gpu.model.path / trt.ENGINE_DIR / f"{STEP_GRAPH}.fp32.plan").write_bytes(b"changed")
     assert trt.engines_usable(gpu.model, "fp32")
-    assert sorted(trt.engine_runners(gpu.model, precision="fp32")) == ["decoder", "encoder", "spade", "unet"]
+    with pytest.warns(RuntimeWarning, match="no current fp32 engine for the sampler-step graph.*aldm build"):
+        runners = trt.engine_runners(gpu.model, precision="fp32")
+    assert sorted(runners) == ["decoder", "encoder", "spade", "unet"]
 
 
 @pytest.mark.parametrize("cuda_graph", [True, False])

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import stat
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -233,8 +234,11 @@ def engine_runners(model: ModelDir, *, precision: str = "fp16") -> dict[str, "Tr
         engine, side = engine_paths(model, c, precision)
         if c == STEP_GRAPH:
             key = current_key(model, c, read_options(model, precision))
-            if key is None or not is_current(side, key, engine):
-                continue  # built before the folder had its step graph: the host loop
+            if key is None or not is_current(side, key, engine):  # built before the folder had its step graph
+                warnings.warn(f"{model.path}: no current {precision} engine for the sampler-step graph: DDIM runs "
+                              f"a host loop over the UNet engine (x crosses to the host every step); "
+                              f"`aldm build {model.path}` builds it", RuntimeWarning, stacklevel=2)
+                continue
         reg = registration(engine)
         cls = TrtStepRunner if c == STEP_GRAPH else TrtRunner
         runners[c] = cls(engine, model.component(c), registration=reg, memory=memory,
