@@ -91,6 +91,16 @@ def tiny_export_fullcrop(tmp_path_factory, tiny_model):
     return out
 
 
+def edit_manifest(folder: Path, fn) -> Path:
+    """Rewrite a model folder's manifest.json through fn(dict) (tests that build odd folders)."""
+    import json
+
+    m = json.loads((folder / "manifest.json").read_text())
+    fn(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
 def synthetic_volume(shape=(40, 36, 20), seed=0, dtype=np.int16):
     """A blob of 'brain' (values > 0) surrounded by zero background."""
     rng = np.random.default_rng(seed)

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import synthetic_volume, write_nifti
+from conftest import edit_manifest, synthetic_volume, write_nifti
 
 INFER = [sys.executable, "-m", "aldm.cli.infer"]
 ALDM = [sys.executable, "-m", "aldm.cli.main"]
@@ -422,13 +422,6 @@ def _copy_model(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _edit_manifest(model: Path, fn) -> Path:
-    m = json.loads((model / "manifest.json").read_text())
-    fn(m)
-    (model / "manifest.json").write_text(json.dumps(m))
-    return model
-
-
 def _dotdot(m):
     name = m["components"]["unet"]["file"]
     m["components"]["unet"]["file"] = "../" + name
@@ -443,11 +436,11 @@ def _tamper(model: Path) -> None:
 
 
 @pytest.mark.parametrize("kind,prepare,expect", [
-    ("manifest_dotdot", lambda m: _edit_manifest(m, _dotdot), ".."),
+    ("manifest_dotdot", lambda m: edit_manifest(m, _dotdot), ".."),
     ("tampered_graph", lambda m: _tamper(m), "sha256 does not match"),
     ("no_manifest", lambda m: (m / "manifest.json").unlink(), "not an aldm model folder"),
     ("manifest_not_json", lambda m: (m / "manifest.json").write_text("{not json"), "unreadable manifest"),
-    ("manifest_other_format", lambda m: _edit_manifest(m, lambda d: d.update(format_version=999)), "format version"),
+    ("manifest_other_format", lambda m: edit_manifest(m, lambda d: d.update(format_version=999)), "format version"),
 ])
 def test_bad_model_folder(tiny_export, good, tmp_path, kind, prepare, expect):
     model = _copy_model(tiny_export, tmp_path / "model")

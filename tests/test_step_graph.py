@@ -4,7 +4,6 @@ torch, and folders without it (format 3, the bundled model) keep sampling with t
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -18,22 +17,11 @@ from aldm.export.step_graph import add_step_graph, compose
 from aldm.runtime import sampler as S
 from aldm.runtime.manifest import STEP_GRAPH, ModelDir, sample_feeds, sha256_file
 from aldm.runtime.pipeline import Pipeline
-from conftest import rel_err
+from conftest import edit_manifest, rel_err
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "aldm" / "assets" / "default_model"
 GOLDEN_TOL = 1e-5  # issue 19's bar for the step graph on ONNX Runtime CPU
 FP32_TOL = 1e-4  # aldm check's FP32 tolerance (aldm.runtime.compare.TOLERANCES)
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit(folder: Path, fn) -> None:
-    m = json.loads((folder / "manifest.json").read_text())
-    fn(m)
-    (folder / "manifest.json").write_text(json.dumps(m))
 
 
 def as_format_3(folder: Path) -> Path:
@@ -44,7 +32,7 @@ def as_format_3(folder: Path) -> Path:
             v.pop(STEP_GRAPH, None)
         m["files"] = {f: h for f, h in m["files"].items() if not f.startswith(STEP_GRAPH)}
         m["components"].pop(STEP_GRAPH)
-    _edit(folder, to_v3)
+    edit_manifest(folder, to_v3)
     for f in folder.glob(f"{STEP_GRAPH}*.onnx"):
         f.unlink()
     return folder
@@ -101,7 +89,7 @@ def test_the_update_nodes_compute_ddim_update_exactly(tiny_export):
 @pytest.fixture(scope="module")
 def bundled_with_step(tmp_path_factory):
     """The bundled model (format 3) in a temporary copy, with the step graph added."""
-    d = _copy(BUNDLED, tmp_path_factory.mktemp("bundled") / "model")
+    d = shutil.copytree(BUNDLED, tmp_path_factory.mktemp("bundled") / "model")
     add_step_graph(d)
     return d
 
@@ -150,7 +138,7 @@ def test_the_bundled_model_has_no_step_graph_and_samples_with_the_numpy_loop():
 def test_a_format_3_folder_samples_with_the_numpy_loop_and_gains_the_step_graph(tiny_export, tmp_path):
     """A format-3 folder loads and samples as before (numpy loop); `aldm add-step-graph` (a real
     process, no torch needed) makes it format 4, and its step graph samples the same numbers."""
-    d = as_format_3(_copy(tiny_export, tmp_path / "m"))
+    d = as_format_3(shutil.copytree(tiny_export, tmp_path / "m"))
     with Pipeline.load(d, backend="ort-cpu") as pipe:
         assert pipe.manifest.format_version == 3 and pipe.step is None and STEP_GRAPH not in pipe.runners
         before = _sample(pipe)
@@ -209,7 +197,7 @@ def test_the_fp16_variant_keeps_the_update_in_fp32(tiny_export, tmp_path):
 
     from aldm.export.precision import add_fp16_variant
 
-    d = _copy(tiny_export, tmp_path / "m")
+    d = shutil.copytree(tiny_export, tmp_path / "m")
     add_fp16_variant(d, say=lambda s: None)
     md = ModelDir(d)
     assert md.manifest.variants["fp16"][STEP_GRAPH] == "unet_step.fp16.onnx"
@@ -233,7 +221,7 @@ def test_the_fp16_variant_keeps_the_update_in_fp32(tiny_export, tmp_path):
 def test_a_variant_from_before_the_step_graph_gets_one_when_it_is_added(tiny_export, tmp_path):
     from aldm.export.precision import add_fp16_variant
 
-    d = as_format_3(_copy(tiny_export, tmp_path / "m"))
+    d = as_format_3(shutil.copytree(tiny_export, tmp_path / "m"))
     add_fp16_variant(d, say=lambda s: None)
     assert STEP_GRAPH not in ModelDir(d).manifest.variants["fp16"]
     ModelDir(d).add_variant("int8", {"unet": "unet.onnx"})  # an INT8 copy that left the UNet FP32
@@ -266,7 +254,7 @@ def test_an_fp16_unet_output_is_cast_to_fp32_before_the_update(tiny_export, tmp_
 
 # ------------------------------------------------------------------------------ bad folders
 def test_a_corrupt_step_graph_is_one_line_model_error(tiny_export, tmp_path):
-    d = _copy(tiny_export, tmp_path / "m")
+    d = shutil.copytree(tiny_export, tmp_path / "m")
     data = bytearray((d / "unet_step.onnx").read_bytes())
     data[100:200] = b"\xff" * 100
     (d / "unet_step.onnx").write_bytes(bytes(data))
@@ -275,7 +263,7 @@ def test_a_corrupt_step_graph_is_one_line_model_error(tiny_export, tmp_path):
     assert "\n" not in str(err.value)
     # hashed as it is: the graph itself is unreadable, said when the step runner loads
     (d / "unet_step.onnx").write_bytes(b"garbage, not a protobuf" * 10)
-    _edit(d, lambda m: m["files"].update({"unet_step.onnx": sha256_file(d / "unet_step.onnx")}))
+    edit_manifest(d, lambda m: m["files"].update({"unet_step.onnx": sha256_file(d / "unet_step.onnx")}))
     with Pipeline.load(d, backend="ort-cpu", step_graph="on") as pipe:
         with pytest.raises(ModelError, match="cannot load .*unet_step.onnx") as err:
             _sample(pipe)
@@ -283,7 +271,7 @@ def test_a_corrupt_step_graph_is_one_line_model_error(tiny_export, tmp_path):
 
 
 def test_an_absent_step_graph_is_one_line_model_error(tiny_export, tmp_path):
-    d = _copy(tiny_export, tmp_path / "m")
+    d = shutil.copytree(tiny_export, tmp_path / "m")
     (d / "unet_step.onnx").unlink()
     with pytest.raises(ModelError, match="missing file unet_step.onnx") as err:
         ModelDir(d)
@@ -294,8 +282,8 @@ def test_an_absent_step_graph_is_one_line_model_error(tiny_export, tmp_path):
 
 
 def test_a_step_graph_before_format_4_is_refused(tiny_export, tmp_path):
-    d = _copy(tiny_export, tmp_path / "m")
-    _edit(d, lambda m: m.update(format_version=3))
+    d = shutil.copytree(tiny_export, tmp_path / "m")
+    edit_manifest(d, lambda m: m.update(format_version=3))
     with pytest.raises(ModelError, match="unknown component unet_step \\(format 3\\)"):
         ModelDir(d)
 
@@ -323,13 +311,13 @@ def test_auto_runs_the_step_graph_on_the_cpu(tiny_export, backend):
 def test_a_format_2_folder_gains_the_step_graph_and_still_decodes_whole_volumes(tiny_export, tmp_path):
     """Format 4 reads decoder_tiling in format 3's layout: adding the step graph to a format-2 folder
     drops its old channels-first cut (never used) instead of making the folder unreadable."""
-    d = as_format_3(_copy(tiny_export, tmp_path / "m"))
+    d = as_format_3(shutil.copytree(tiny_export, tmp_path / "m"))
 
     def to_v2(m):
         m["format_version"] = 2
         m["decoder_tiling"].update(axis=2)
         m["decoder_tiling"].pop("layout")
-    _edit(d, to_v2)
+    edit_manifest(d, to_v2)
     add_step_graph(d)
     md = ModelDir(d)
     assert md.manifest.format_version == 4 and md.has_step_graph and md.manifest.decoder_tiling is None

@@ -19,7 +19,7 @@ from aldm.errors import ModelError
 from aldm.runtime.manifest import FORMAT_VERSION, ModelDir
 from aldm.runtime.pipeline import Pipeline
 from aldm.runtime.tiled import DEFAULT_TILE_ROWS, Stats, slab_rows
-from conftest import rel_err, synthetic_volume, write_nifti
+from conftest import edit_manifest, rel_err, synthetic_volume, write_nifti
 
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "aldm" / "assets" / "default_model"
 
@@ -110,12 +110,6 @@ def _copy(folder: Path, dst: Path) -> Path:
     return Path(shutil.copytree(folder, dst / "m"))
 
 
-def _edit(folder: Path, fn) -> None:
-    m = json.loads((folder / "manifest.json").read_text())
-    fn(m)
-    (folder / "manifest.json").write_text(json.dumps(m))
-
-
 def test_a_format_1_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path):
     d = _copy(tiny_export, tmp_path)
     tiling = json.loads((d / "manifest.json").read_text())["decoder_tiling"]
@@ -127,7 +121,7 @@ def test_a_format_1_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path
         for f in [tiling["head"]] + [s["file"] for s in tiling["steps"]]:
             m["files"].pop(f)
             (d / f).unlink()
-    _edit(d, to_v1)
+    edit_manifest(d, to_v1)
     assert FORMAT_VERSION >= 3
     with Pipeline.load(d, backend="ort-cpu") as old, Pipeline.load(tiny_export, backend="ort-cpu", tile_rows=0) as new:
         assert old.tiles is None
@@ -148,7 +142,7 @@ def test_a_format_2_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path
         m["components"].pop("unet_step")  # format 4's optional step graph
         m["decoder_tiling"].update(axis=2)
         m["decoder_tiling"].pop("layout")
-    _edit(d, to_v2)
+    edit_manifest(d, to_v2)
     with Pipeline.load(d, backend="ort-cpu", tile_rows=16) as old, \
          Pipeline.load(tiny_export, backend="ort-cpu", tile_rows=0) as new:
         assert old.model.manifest.decoder_tiling is None and old.tiles is None
@@ -167,7 +161,7 @@ def test_a_format_2_folder_loads_and_decodes_whole_volumes(tiny_export, tmp_path
 ])
 def test_a_bad_decoder_cut_is_one_clear_model_error(tiny_export, tmp_path, edit, message):
     d = _copy(tiny_export, tmp_path)
-    _edit(d, edit)
+    edit_manifest(d, edit)
     with pytest.raises(ModelError, match=message) as exc:
         ModelDir(d)
     assert "\n" not in str(exc.value)

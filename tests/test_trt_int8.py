@@ -19,6 +19,7 @@ from aldm.calibration.ort_int8 import add_int8_variant, quantize_component
 from aldm.export.trt_qdq import has_qdq, tensorrt_qdq
 from aldm.runtime import trt
 from aldm.runtime.manifest import ModelDir
+from test_trt_plan import FakeTensorRT
 
 
 def _conv_net(path, seed=0):
@@ -81,85 +82,6 @@ def test_the_qdq_graph_for_tensorrt_is_symmetric_int8_and_agrees_with_the_calibr
     assert tensorrt_qdq(onnx.load(str(src))).SerializeToString() == onnx.load(str(src)).SerializeToString()
 
 
-class FakeTensorRT(types.ModuleType):
-    """The builder API `aldm.export.trt_build` uses, recording what was parsed, the flags set and
-    any calibrator."""
-
-    def __init__(self):
-        super().__init__("tensorrt")
-        self.__version__ = "10.99.0"
-        self.built, self.parsed, self.flags, self.calibrators = [], [], [], []
-        fake, ns = self, types.SimpleNamespace
-        self.MemoryPoolType = ns(WORKSPACE="WORKSPACE")
-        self.BuilderFlag = ns(TF32="TF32", FP16="FP16", INT8="INT8", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
-                              OBEY_PRECISION_CONSTRAINTS="OBEY")
-        self.LayerType = ns(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", QUANTIZE="QUANTIZE",
-                            DEQUANTIZE="DEQUANTIZE", CONVOLUTION="CONVOLUTION", ELEMENTWISE="ELEMENTWISE")
-        self.float32, self.float16 = "float32", "float16"
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, level=None):
-                pass
-
-        class Config:
-            def __init__(self):
-                object.__setattr__(self, "flags", [])
-
-            def __setattr__(self, name, value):
-                if name == "int8_calibrator":
-                    fake.calibrators.append(value)
-                object.__setattr__(self, name, value)
-
-            def set_memory_pool_limit(self, *a):
-                pass
-
-            def clear_flag(self, flag):
-                pass
-
-            def set_flag(self, flag):
-                self.flags.append(flag)
-
-            def add_optimization_profile(self, prof):
-                pass
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                return ns(num_layers=0)
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return ns(set_shape=lambda *a: None)
-
-            def build_serialized_network(self, network, config):
-                blob = f"engine {len(fake.built)}".encode() * 20
-                fake.built.append(blob)
-                fake.flags.append(sorted(config.flags))
-                return blob
-
-        class OnnxParser:
-            num_errors = 0
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse(self, model, path=None):
-                fake.parsed.append((path, onnx.ModelProto.FromString(bytes(model))))
-                return True
-
-            def parse_from_file(self, path):
-                fake.parsed.append((path, onnx.load(path)))
-                return True
-
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
-
-
 def _record(calib, md: ModelDir, seed: int) -> None:
     """Recorded inputs as `aldm calibrate` writes them (random here: only the scales matter)."""
     rng = np.random.default_rng(seed)
@@ -201,7 +123,7 @@ def test_int8_engines_are_parsed_from_the_calibrated_qdq_graphs_without_a_calibr
         assert graph.SerializeToString() == tensorrt_qdq(onnx.load(path)).SerializeToString()
     assert sorted(p.rsplit("/", 1)[1] for p, _ in fake.parsed) == [
         "decoder.int8.onnx", "encoder.onnx", "spade.onnx", "unet.int8.onnx"]
-    flags = dict(zip(docs, fake.flags))
+    flags = dict(zip(docs, fake.build_flags))
     for c in ("decoder", "unet"):  # quantized: INT8, FP16 for the rest, the plan's FP32 layers obeyed
         assert has_qdq(parsed[c][1]) and flags[c] == ["FP16", "INT8", "OBEY"]
     for c in ("encoder", "spade"):  # kept in float by the variant: no Q/DQ, so no INT8 flag

@@ -98,18 +98,22 @@ def test_out_of_memory_fallback_ends_at_the_first_cpu_backend():
 
 
 class FakeTensorRT(types.ModuleType):
-    """Just enough of `tensorrt` to build (FP32, no pinned layers) and deserialise engines; every
-    build and deserialisation is recorded."""
+    """Just enough of `tensorrt` to build and deserialise engines; every build (its bytes and the
+    config's flags), parse (the ONNX graph), flag, calibrator and deserialisation is recorded."""
 
     def __init__(self):
         super().__init__("tensorrt")
         self.__version__ = "10.99.0"
         self.built, self.deserialized, self.flags = [], [], []
+        self.build_flags, self.parsed, self.calibrators = [], [], []  # per build, per parse, any set
         fake = self
         ns = types.SimpleNamespace
         self.MemoryPoolType = ns(WORKSPACE="WORKSPACE")
         self.BuilderFlag = ns(TF32="TF32", FP16="FP16", INT8="INT8", VERSION_COMPATIBLE="VERSION_COMPATIBLE",
                               OBEY_PRECISION_CONSTRAINTS="OBEY")
+        self.LayerType = ns(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", QUANTIZE="QUANTIZE",
+                            DEQUANTIZE="DEQUANTIZE", CONVOLUTION="CONVOLUTION", ELEMENTWISE="ELEMENTWISE")
+        self.float32, self.float16 = "float32", "float16"
         self.TensorIOMode = ns(INPUT="INPUT", OUTPUT="OUTPUT")
         self.ExecutionContextAllocationStrategy = ns(USER_MANAGED=2)
 
@@ -120,6 +124,14 @@ class FakeTensorRT(types.ModuleType):
                 pass
 
         class Config:
+            def __init__(self):
+                object.__setattr__(self, "flags", [])
+
+            def __setattr__(self, name, value):
+                if name == "int8_calibrator":
+                    fake.calibrators.append(value)
+                object.__setattr__(self, name, value)
+
             def set_memory_pool_limit(self, *a):
                 pass
 
@@ -127,6 +139,7 @@ class FakeTensorRT(types.ModuleType):
                 pass
 
             def set_flag(self, flag):
+                self.flags.append(flag)
                 fake.flags.append(flag)
 
             def add_optimization_profile(self, prof):
@@ -148,13 +161,21 @@ class FakeTensorRT(types.ModuleType):
             def build_serialized_network(self, network, config):
                 blob = f"engine {len(fake.built)}".encode() * 20
                 fake.built.append(blob)
+                fake.build_flags.append(sorted(config.flags))
                 return blob
 
         class OnnxParser:
+            num_errors = 0
+
             def __init__(self, network, logger):
                 pass
 
+            def parse(self, model, path=None):
+                fake.parsed.append((path, onnx.ModelProto.FromString(bytes(model))))
+                return True
+
             def parse_from_file(self, path):
+                fake.parsed.append((path, onnx.load(path)))
                 return True
 
         class Engine:
