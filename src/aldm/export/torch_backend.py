@@ -125,14 +125,14 @@ class TorchStepRunner:
         pass
 
     # ------------------------------------------------------------------------------ pieces
-    def _up(self, a: np.ndarray, dtype=None):
+    def _up(self, a: np.ndarray):
         import torch
 
         self.uploads += 1
         t = torch.from_numpy(np.ascontiguousarray(a))
         if self.device.type == "cuda":
             t = t.pin_memory()
-        return t.to(self.device, dtype=dtype, non_blocking=True)
+        return t.to(self.device, non_blocking=True)
 
     def _down(self, x) -> np.ndarray:
         self.downloads += 1
@@ -146,15 +146,22 @@ class TorchStepRunner:
             return self.model.unet(x, t, c_concat, y).float()
 
     @staticmethod
-    def update(x, eps, coef, z):
-        """ddim_update on tensors: coef = (a_t, a_prev, sigma, sqrt(1 - a_t)) float32 0-d tensors
-        (a row of ddim_coefficients); z None adds nothing (sigma 0)."""
+    def factors(coef):
+        """Rows of ddim_coefficients (a_t, a_prev, sigma, sqrt(1 - a_t)), float32, (..., 4) -> the
+        update's factors (sqrt(a_t), sqrt(1 - a_prev - sigma^2), sqrt(a_prev), sigma, sqrt(1 - a_t)),
+        (..., 5): computed once per schedule, not per step."""
         import torch
 
-        a_t, a_prev, sigma, s1m = coef.unbind()
-        x0_hat = (x - s1m * eps) / torch.sqrt(a_t)
-        direction = torch.sqrt(1 - a_prev - sigma**2) * eps
-        out = torch.sqrt(a_prev) * x0_hat + direction
+        a_t, a_prev, sigma, s1m = coef.unbind(-1)
+        return torch.stack([torch.sqrt(a_t), torch.sqrt(1 - a_prev - sigma**2), torch.sqrt(a_prev), sigma, s1m], -1)
+
+    @staticmethod
+    def update(x, eps, f, z):
+        """ddim_update on tensors, f = one row of `factors` (0-d float32 tensors); z None adds
+        nothing (sigma 0). Same expression, in the same order, as aldm.runtime.sampler.ddim_update."""
+        sqrt_a_t, dir_coef, sqrt_a_prev, sigma, s1m = f.unbind()
+        x0_hat = (x - s1m * eps) / sqrt_a_t
+        out = sqrt_a_prev * x0_hat + dir_coef * eps
         return out if z is None else out + sigma * z
 
     # ------------------------------------------------------------------------------ runner protocol
@@ -169,7 +176,8 @@ class TorchStepRunner:
             f = {k: self._up(np.asarray(v)) for k, v in feeds.items()}
             coef = f["coef"].float()
             x = f["x_t"].float()
-            out = self.update(x, self.eps(x, f["t"], f["c_concat"].float(), f["y"]), coef, f["noise"].float())
+            eps = self.eps(x, f["t"], f["c_concat"].float(), f["y"])
+            out = self.update(x, eps, self.factors(coef), f["noise"].float())
             return {"x_prev": self._down(out)}
 
     def ddim_loop(self, x_T: np.ndarray, c_concat: np.ndarray, y: np.ndarray, schedule, noise, *,
@@ -188,7 +196,7 @@ class TorchStepRunner:
             x = self._up(np.asarray(x_T, np.float32))
             c = self._up(np.asarray(c_concat, np.float32))
             yy = self._up(np.asarray(y, np.int64))
-            coefs = self._up(ddim_coefficients(schedule))
+            fs = self.factors(self._up(ddim_coefficients(schedule)))
             ts = self._up(taus)
             shape, batch = tuple(x.shape), x.shape[0]
             gen = None
@@ -205,7 +213,7 @@ class TorchStepRunner:
                     drawn = noise(shape)
                     if sigmas[j] > 0:  # sigma 0: the draw only keeps the stream in step
                         z = self._up(np.asarray(drawn, np.float32))
-                x = self.update(x, self.eps(x, ts[j].expand(batch), c, yy), coefs[j], z)
+                x = self.update(x, self.eps(x, ts[j].expand(batch), c, yy), fs[j], z)
                 if callback is not None:
                     callback(i, total, int(taus[j]), self._down(x) if needs_x else None)
             return self._down(x)

@@ -89,15 +89,12 @@ def single_backend(model: ModelDir, backend: str, *, threads: int | None = None,
     components = COMPONENTS + ((STEP_GRAPH,) if has_step_graph(model, precision) else ())
     if backend in ("ort-cpu", "ort-cuda"):
         device = backend.split("-")[1]
-        runners = {c: OrtRunner(model.component_file(c, precision), model.component(c), device=device,
-                                threads=threads, precision=precision) for c in components}
-        if device == "cuda" and STEP_GRAPH in runners:  # the DDIM loop on the GPU
-            from aldm.runtime.ort_loop import OrtStepRunner
-
-            runners[STEP_GRAPH] = OrtStepRunner(model.component_file(STEP_GRAPH, precision),
-                                                model.component(STEP_GRAPH), device=device, threads=threads,
-                                                precision=precision)
-        return runners
+        step = OrtRunner
+        if device == "cuda":  # the step graph's runner keeps the DDIM loop on the GPU
+            from aldm.runtime.ort_loop import OrtStepRunner as step
+        return {c: (step if c == STEP_GRAPH else OrtRunner)(model.component_file(c, precision), model.component(c),
+                                                            device=device, threads=threads, precision=precision)
+                for c in components}
     if backend == "ov-cpu":
         from aldm.runtime.openvino import OvRunner
 

@@ -131,6 +131,10 @@ class Event:
             self.handle = None
 
 
+_COPY_KINDS = {"htod": "cudaMemcpyHostToDevice", "dtoh": "cudaMemcpyDeviceToHost",
+               "dtod": "cudaMemcpyDeviceToDevice"}
+
+
 class Stream:
     def __init__(self):
         self.handle = check(cudart().cudaStreamCreate())
@@ -138,10 +142,8 @@ class Stream:
     def copy(self, dst: int, src: int, nbytes: int, kind: str) -> None:
         """cudaMemcpyAsync between raw addresses; kind: "htod", "dtoh" or "dtod"."""
         rt = cudart()
-        kinds = {"htod": rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                 "dtoh": rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                 "dtod": rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice}
-        check(rt.cudaMemcpyAsync(int(dst), int(src), int(nbytes), kinds[kind], self.handle))
+        kind = getattr(rt.cudaMemcpyKind, _COPY_KINDS[kind])
+        check(rt.cudaMemcpyAsync(int(dst), int(src), int(nbytes), kind, self.handle))
 
     def htod(self, dst: DeviceBuffer, src: np.ndarray) -> None:
         """Copy `src` to the device. The copy is asynchronous: keep `src` alive and unchanged until

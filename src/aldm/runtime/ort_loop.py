@@ -22,14 +22,12 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 class OrtStepRunner(OrtRunner):
-    """The step graph on ONNX Runtime: `infer` runs one step, `ddim_loop` (CUDA) the whole loop."""
+    """The step graph on ONNX Runtime's CUDA provider: `infer` runs one step, `ddim_loop` the whole
+    loop (on the CPU the step graph's plain OrtRunner serves: runners.step_graph_loop)."""
 
     def ddim_loop(self, x_T: np.ndarray, c_concat: np.ndarray, y: np.ndarray, schedule: S.DDIMSchedule,
                   noise: S.Noise, *, official_rng: bool = True, callback: S.Callback = None) -> np.ndarray:
         """Same noise draws, callbacks and result as sampler.ddim_sample_steps over this graph."""
-        if self.device != "cuda":  # on the CPU the host loop over `infer` costs nothing extra
-            return S.ddim_sample_steps(self._step(c_concat, y), x_T, schedule, noise,
-                                       official_rng=official_rng, callback=callback)
         import onnxruntime as ort
 
         self.activate()
@@ -57,22 +55,23 @@ class OrtStepRunner(OrtRunner):
             binding.bind_ortvalue_input(Y, device(y, Y))
             binding.bind_ortvalue_input(NOISE, z)
             needs_x = S.wants_x(callback)
+            zeros = np.zeros(shape, types[NOISE]) if sigma.any() and not sigma.all() else None
             for i in range(total):
                 j = total - 1 - i
                 draw = noise(shape) if sigma[j] or official_rng else None  # official RNG consumption
                 if sigma[j]:
                     z.update_inplace(np.ascontiguousarray(draw, types[NOISE]))
                 elif sigma.any():
-                    z.update_inplace(np.zeros(shape, types[NOISE]))
+                    z.update_inplace(zeros)
                 binding.bind_ortvalue_input(X_IN, xs[i % 2])
                 binding.bind_ortvalue_output(X_OUT, xs[1 - i % 2])
                 binding.bind_ortvalue_input(T, ts[j])
                 binding.bind_ortvalue_input(COEF, cs[j])
                 self.session.run_with_iobinding(binding)
                 if callback is not None:
-                    x = xs[1 - i % 2].numpy().astype(np.float32) if needs_x else None
+                    x = xs[1 - i % 2].numpy().astype(np.float32, copy=False) if needs_x else None
                     callback(i, total, int(schedule.timesteps[j]), x)
-            return xs[total % 2].numpy().astype(np.float32)
+            return xs[total % 2].numpy().astype(np.float32, copy=False)
         except BackendError:
             raise
         except Exception as exc:  # onnxruntime raises its own types; a callback's own exceptions pass
@@ -81,12 +80,3 @@ class OrtStepRunner(OrtRunner):
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             kind = "out of memory" if "memory" in msg.lower() or "alloc" in msg.lower() else "failed"
             raise BackendError(f"{self.name} {kind} in {self.spec.name}: {msg}") from None
-
-    def _step(self, c_concat: np.ndarray, y: np.ndarray) -> S.Step:
-        out = self.spec.outputs[0].name
-
-        def step(x, t, coef, z):
-            return self.infer({X_IN: x, T: t, COND: c_concat, Y: y, COEF: np.asarray(coef, np.float32),
-                               NOISE: np.asarray(z, np.float32)})[out]
-
-        return step

@@ -79,6 +79,7 @@ class TrtStepRunner(TrtRunner):
             self.bind(name, buf.ptr)
 
         stage = [self._pinned(f"noise{k}", noise_nbytes) for k in (0, 1)] if sigma.any() else []
+        stage_x = [s.array(shape, dt[NOISE]) for s in stage]
         staged = [Event(), Event()] if stage else []
         key = (tuple(shape), tuple(c_concat.shape), tuple(y.shape))
         needs_x = S.wants_x(callback)
@@ -90,7 +91,7 @@ class TrtStepRunner(TrtRunner):
                 if sigma[j]:
                     k = i % 2  # two staging buffers: fill one while the other may still be copied
                     staged[k].sync()
-                    np.copyto(stage[k].array(shape, dt[NOISE]), z, casting="unsafe")
+                    np.copyto(stage_x[k], z, casting="unsafe")
                     self.stream.copy(z_slot.ptr, stage[k].ptr, noise_nbytes, "htod")
                     staged[k].record(self.stream)
                 elif sigma.any():
