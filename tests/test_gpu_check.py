@@ -38,7 +38,7 @@ def test_the_report_holds_sane_numbers(dry_run):
     r = json.loads((out / "gpu_check.json").read_text())
     assert r["errors"] == {} and r["skipped"] == {}, (r["errors"], r["skipped"])
     assert r["mode"].startswith("dry-run") and r["config"]["steps"] == 4
-    assert r["env"]["device"] == "cpu" and r["env"]["cuda_available"] in (True, False)
+    assert r["env"]["device"] == "cpu"
     # what it could not run, said plainly
     names = {n["name"]: n["why"] for n in r["not_run"]}
     assert {"tensorrt", "ort-cuda"} <= set(names) and all("not installed" in w for w in names.values())

@@ -176,7 +176,7 @@ def _archive_cases(archive: Path, modality: str = "t1", pattern: str | None = No
     """NIfTI members as cases, DICOM members' headers into one index whose studies are cases too:
     the archive is listed in a single pass (each DICOM member read once, within `limits`, and
     dropped once its header is indexed)."""
-    from aldm.dicom.index import PREAMBLE, Index, build, is_dicom_bytes
+    from aldm.dicom.index import PREAMBLE, build, is_dicom_bytes
 
     cases: list[Case] = []
 
@@ -217,7 +217,6 @@ def _archive_cases(archive: Path, modality: str = "t1", pattern: str | None = No
                 case.rel_dir = _parent(m.name)
             cases.append(case)
 
-    index = Index()
     if archive.name.lower().endswith(".zip"):
         with zipfile.ZipFile(archive) as z:
             index = _index_dicom(zip_members(z), build)

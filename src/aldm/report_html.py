@@ -215,9 +215,9 @@ def render(title: str, records, views: dict, summary: dict, sources: dict) -> st
 """
 
 
-def write_html(out: Path, records, views: dict, summary: dict, sources: dict | None = None) -> Path:
-    """Write `out/aldm_report.html` atomically; `sources`: case id -> where it was read from."""
-    sources = sources or {r.id: getattr(r, "source", "") for r in records}
+def write_html(out: Path, records, views: dict, summary: dict) -> Path:
+    """Write `out/aldm_report.html` atomically (each record's `source`: where it was read from)."""
+    sources = {r.id: getattr(r, "source", "") for r in records}
     page = render(f"aldm batch report: {out.resolve()}", records, views, summary, sources)
     return write_text(out / HTML, page)
 

@@ -26,9 +26,9 @@ from torch import nn
 
 import aldm
 from aldm.atomic import atomic_path, write_text
-from aldm.errors import AldmError, UsageError
+from aldm.errors import UsageError
 from aldm.export.tiled import export_tiles, supports_tiling
-from aldm.export.trt_compat import check_file
+from aldm.export.trt_compat import require_trt_compatible
 from aldm.models.aldm import ALDM
 from aldm.runtime.manifest import (MANIFEST, SCHEDULE_FILE, STEP_GRAPH, ComponentSpec, Manifest,
                                    Preprocessing, SamplerDefaults, ScheduleSpec, TensorSpec, sample_feeds,
@@ -152,13 +152,6 @@ def export_graph(graph: nn.Module, spec: ComponentSpec, path: Path, args: tuple,
         onnx.save(proto, str(tmp))
 
 
-def _require_trt_compatible(path: Path) -> None:
-    offenses = check_file(path)
-    if offenses:
-        lines = "; ".join(map(str, offenses[:10]))
-        raise AldmError(f"{path.name} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
-
-
 def _export_spade_classes(model: ALDM, spec: ComponentSpec, out_dir: Path, opset: int) -> list[str]:
     files = []
     z = torch.from_numpy(sample_feeds(spec, batch=2)["z"])
@@ -166,7 +159,7 @@ def _export_spade_classes(model: ALDM, spec: ComponentSpec, out_dir: Path, opset
     for k in range(model.config.first_stage_config.num_classes):
         one = ComponentSpec("spade", f"spade_class{k}.onnx", spec.inputs[:1], spec.outputs)
         export_graph(SpadeClassGraph(model, k).eval(), one, out_dir / one.file, (z,), {"z": {0: batch}}, opset)
-        _require_trt_compatible(out_dir / one.file)
+        require_trt_compatible(out_dir / one.file)
         files.append(one.file)
     return files
 
@@ -232,7 +225,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                 if progress:
                     progress(f"exporting {name}")
                 _export_one(model, spec, tmp / spec.file, opset)
-                _require_trt_compatible(tmp / spec.file)
+                require_trt_compatible(tmp / spec.file)
             if step_graph:
                 from aldm.export.step_graph import compose, step_spec
 
@@ -240,7 +233,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                     progress("composing the sampler-step graph (UNet + DDIM update)")
                 specs[STEP_GRAPH] = step_spec(specs["unet"])
                 compose(tmp / specs["unet"].file, tmp / specs[STEP_GRAPH].file)
-                _require_trt_compatible(tmp / specs[STEP_GRAPH].file)
+                require_trt_compatible(tmp / specs[STEP_GRAPH].file)
             spade_files = None
             if per_class_spade:
                 if progress:
@@ -253,7 +246,7 @@ def export_model(model: ALDM, out_dir: str | Path, *, crop_size: tuple[int, int,
                 tiling = export_tiles(model, tmp, crop, latent_shape(model, crop),
                                       lambda g, spec, path, a, dyn: export_graph(g, spec, path, a, dyn, opset))
                 for step_file in [tiling["head"]] + [st["file"] for st in tiling["steps"]]:
-                    _require_trt_compatible(tmp / step_file)
+                    require_trt_compatible(tmp / step_file)
         with atomic_path(tmp / SCHEDULE_FILE) as part:
             np.savez(part, **model.schedule())
         files = {f: sha256_file(tmp / f) for f in sorted(p.name for p in tmp.iterdir())}

@@ -111,7 +111,7 @@ def add_step_graph(model_dir: str | Path, *, say: Callable[[str], None] = lambda
     the manifest atomically: a crash leaves the old manifest or the new one. Needs onnx, not torch.
     overwrite: recompose a step graph the folder already has (else it is left as it is)."""
     from aldm.atomic import write_text
-    from aldm.export.trt_compat import check_file
+    from aldm.export.trt_compat import require_trt_compatible
 
     md = ModelDir(model_dir)
     m = md.manifest
@@ -131,9 +131,7 @@ def add_step_graph(model_dir: str | Path, *, say: Callable[[str], None] = lambda
         if md.file(name).is_symlink():
             raise ModelError(f"{md.file(name)}: is a symbolic link; a model folder holds its files itself")
         compose(unet, md.file(name))
-        offenses = check_file(md.file(name))
-        if offenses:
-            raise ModelError(f"{name} is not TensorRT-compatible: {'; '.join(map(str, offenses[:5]))}")
+        require_trt_compatible(md.file(name), ModelError)
         say(f"{name}: {unet.name} + the DDIM update (float32)")
     # format 4 reads decoder_tiling in format 3's layout: a format-1/2 folder's old cut (which it
     # never used) is dropped, so the folder still decodes whole volumes, as it did

@@ -113,3 +113,14 @@ def check_file(path: str | Path) -> list[Offense]:
     import onnx
 
     return check_graph(onnx.load(str(path), load_external_data=False))
+
+
+def require_trt_compatible(path: Path, error: type[Exception] | None = None) -> None:
+    """Raise `error` (AldmError by default) naming the first offending nodes unless the ONNX graph
+    at `path` passes `check_file`."""
+    offenses = check_file(path)
+    if offenses:
+        from aldm.errors import AldmError
+
+        lines = "; ".join(map(str, offenses[:10]))
+        raise (error or AldmError)(f"{path.name} is not TensorRT-compatible ({len(offenses)} nodes): {lines}")
