@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aldm.errors import ModelError, UsageError
+from aldm.errors import AldmError, ModelError, UsageError
 from aldm.export.step_graph import add_step_graph, compose
 from aldm.runtime import sampler as S
 from aldm.runtime.manifest import STEP_GRAPH, ModelDir, sample_feeds, sha256_file
@@ -325,3 +325,28 @@ def test_a_format_2_folder_gains_the_step_graph_and_still_decodes_whole_volumes(
          Pipeline.load(tiny_export, backend="ort-cpu", tile_rows=0) as new:
         assert old.tiles is None and old.step is not None
         np.testing.assert_array_equal(_sample(old), _sample(new))
+
+
+def test_a_crash_while_adding_the_step_graph_leaves_the_old_manifest(tiny_export, tmp_path, monkeypatch):
+    """The manifest is replaced in one rename: a failure at that moment leaves the format-3 manifest
+    as it was, and the folder loads and samples as before."""
+    import aldm.atomic
+
+    d = as_format_3(shutil.copytree(tiny_export, tmp_path / "m"))
+    before = (d / "manifest.json").read_bytes()
+
+    real = aldm.atomic.os.replace
+
+    def crash(src, dst):  # the step graph's file lands; the manifest's rename fails
+        if Path(dst).name == "manifest.json":
+            raise OSError("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(aldm.atomic.os, "replace", crash)
+    with pytest.raises(AldmError, match="killed"):
+        add_step_graph(d)
+    assert (d / "unet_step.onnx").is_file()
+    monkeypatch.undo()
+    assert (d / "manifest.json").read_bytes() == before
+    md = ModelDir(d)
+    assert md.manifest.format_version == 3 and not md.has_step_graph
